@@ -1,0 +1,111 @@
+"""Every setting of a postroom deployment, read once from POSTROOM_* environment variables.
+
+Each field names its variable, its default and what it means; the README's settings table lists
+the same (a test keeps them in step). Every process of a deployment must read the same values:
+the visibility timeout in particular is a property of the broker connection, not of one worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+
+
+def _setting(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    broker_url: str = _setting(
+        "redis://127.0.0.1:6379/0",
+        "broker; `amqp://guest:guest@127.0.0.1:5672//` for RabbitMQ",
+    )
+    result_backend: str = _setting(
+        "redis://127.0.0.1:6379/1", "where replies are stored, keyed by correlation ID (Redis)"
+    )
+    state_url: str = _setting(
+        "", "Redis where the reference services keep their state; empty: the result backend's"
+    )
+    namespace: str = _setting(
+        "postroom",
+        "prefix of every Redis key postroom writes: broker queues (on Redis) and service state",
+    )
+    visibility_timeout: int = _setting(
+        600,
+        "seconds before Redis redelivers an unacknowledged message; must exceed the longest "
+        "handler run plus the longest retry delay",
+    )
+    max_retries: int = _setting(
+        5, "retries of a transient failure before the reply says failed (attempts = this + 1)"
+    )
+    retry_backoff: float = _setting(
+        1.0, "seconds before the first retry; doubles each time, with jitter"
+    )
+    retry_backoff_max: float = _setting(60.0, "longest delay between two retries, in seconds")
+    reply_ttl: int = _setting(86400, "seconds a reply is kept in the result backend")
+    imports: str = _setting(
+        "", "comma-separated extra modules holding handlers, imported by every worker"
+    )
+    flower_address: str = _setting("127.0.0.1", "address Flower listens on")
+    flower_port: int = _setting(5555, "Flower's port for `postroom up` / `postroom flower`")
+    flower_basic_auth: str = _setting(
+        "", "`user:password`; when set, Flower refuses requests without these credentials"
+    )
+    log_level: str = _setting("INFO", "log level of workers and Flower")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is None:
+                continue
+            try:
+                values[f.name] = type(f.default)(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{env_name(f.name)}={raw!r} is not a valid {type(f.default).__name__}: "
+                    f"{f.metadata['doc']}"
+                ) from None
+        return cls(**values)
+
+    @property
+    def state(self) -> str:
+        return self.state_url or self.result_backend
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return self.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
+
+    @property
+    def extra_imports(self) -> list[str]:
+        return [name.strip() for name in self.imports.split(",") if name.strip()]
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith(("_url", "_backend")):
+                value = maybe_sanitize_url(value)
+            elif f.name == "flower_basic_auth" and value:
+                value = value.split(":", 1)[0] + ":**"
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+
+def env_name(field_name: str) -> str:
+    return f"POSTROOM_{field_name.upper()}"
+
+
+def documented() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting, in declaration order."""
+    return [(env_name(f.name), str(f.default), f.metadata["doc"]) for f in fields(Settings)]
+
+
+settings = Settings.from_env()

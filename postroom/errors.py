@@ -1,0 +1,92 @@
+"""One exception root, split by what the caller should do next.
+
+Permanent errors (a rejection, an invalid or unknown message, a misuse of the API) are never retried;
+transient ones are. Every message says what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "ContractError",
+    "DuplicateHandler",
+    "FailedReply",
+    "InvalidMessage",
+    "PostroomError",
+    "Rejected",
+    "RejectedReply",
+    "ReplyTimeout",
+    "TransientError",
+    "UnknownMessageType",
+    "Unsuccessful",
+    "WrongMessageKind",
+]
+
+
+class PostroomError(Exception):
+    """Root of every error postroom raises on purpose."""
+
+
+class ContractError(PostroomError, TypeError):
+    """A message class is declared in a way the model does not allow."""
+
+
+class DuplicateHandler(ContractError):
+    """A command or query type got a second handler; each has exactly one owner."""
+
+
+class WrongMessageKind(PostroomError, TypeError):
+    """A message was handed to the wrong verb (an event to send(), a command to publish())."""
+
+
+class InvalidMessage(PostroomError, ValueError):
+    """A received message cannot be decoded: bad payload, missing or malformed headers."""
+
+
+class UnknownMessageType(InvalidMessage):
+    """A received message names a type this process has no contract for."""
+
+
+class Rejected(PostroomError):
+    """Raised by a handler that refuses a command; never retried, the reply says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientError(PostroomError):
+    """Raised by a handler for a failure worth retrying (with backoff) before giving up."""
+
+
+class ReplyTimeout(PostroomError, TimeoutError):
+    """No reply arrived in time; the command may still be queued or running."""
+
+
+class Unsuccessful(PostroomError):
+    """Carries a rejected or failed reply through Celery's FAILURE state.
+
+    Recording the outcome as a task failure makes Flower show rejections and failures as such, while
+    the reply itself (status, error, ids) travels intact as this exception's only argument, which
+    the result backend stores as JSON.
+    """
+
+    def __init__(self, reply: dict[str, Any]) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+    def __str__(self) -> str:
+        error = self.reply.get("error") or {}
+        return f"{self.reply.get('status')}: {error.get('type')}: {error.get('message')}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self)!r})"
+
+
+class RejectedReply(Unsuccessful):
+    """The handler refused the command (or its payload was invalid): an expected outcome."""
+
+
+class FailedReply(Unsuccessful):
+    """The handler broke, or a transient failure outlived its retries."""

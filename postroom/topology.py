@@ -1,0 +1,71 @@
+"""Every exchange, queue and route, derived in one place from names; no queue name is a literal elsewhere.
+
+```
+ commands and queries (point-to-point; the pool's workers compete):
+
+   bus.send(RegisterAsset) ──> ( commands.assets ) ──> pool "assets"
+
+ events (one exchange, one durable queue per subscriber pool, bound under each event type it wants):
+
+                                      ┌─ assets.AssetRegistered ─> ( events.search )        ─> pool "search"
+   bus.publish(AssetRegistered) ──> [postroom.events] ─ assets.AssetRegistered ─> ( events.analytics ) ─> pool "analytics"
+                                      └─ assets.AssetRegistered ─> ( events.notifications ) ─> pool "notifications"
+```
+
+The events exchange is ``direct`` and keyed by event type. On RabbitMQ that is one publish and the
+broker copies it into every bound queue. On Redis, kombu's exchanges live in each process's memory
+and a message restored after a crash is re-routed through its exchange and key (reaching every pool
+again), so the publisher reads the bindings kombu keeps in Redis and puts one copy straight into
+each bound queue instead: a restored copy then returns to its own queue only.
+"""
+
+from __future__ import annotations
+
+from kombu import Exchange, Queue, binding
+
+COMMANDS_EXCHANGE = Exchange("postroom.commands", type="direct", durable=True)
+EVENTS_EXCHANGE = Exchange("postroom.events", type="direct", durable=True)
+_EVENT_QUEUE_PREFIX = "events."
+
+
+def command_queue_name(service: str) -> str:
+    return f"commands.{service}"
+
+
+def command_queue(service: str) -> Queue:
+    """The durable queue a service's pool consumes its commands and queries from."""
+    name = command_queue_name(service)
+    return Queue(name, COMMANDS_EXCHANGE, routing_key=name, durable=True)
+
+
+def event_queue_name(pool: str) -> str:
+    return _EVENT_QUEUE_PREFIX + pool
+
+
+def pool_of_event_queue(queue_name: str) -> str | None:
+    return queue_name.removeprefix(_EVENT_QUEUE_PREFIX) if is_event_queue(queue_name) else None
+
+
+def is_event_queue(queue_name: str) -> bool:
+    return queue_name.startswith(_EVENT_QUEUE_PREFIX)
+
+
+def event_queue(pool: str, event_types: list[str]) -> Queue:
+    """A pool's durable queue, bound to the events exchange once per event type it subscribes to.
+
+    It is also bound under its own name, which no event type can take (type names have no
+    ``events.`` prefix), so the queue's default route points at the pool and nowhere else.
+    """
+    name = event_queue_name(pool)
+    return Queue(
+        name,
+        EVENTS_EXCHANGE,
+        routing_key=name,
+        bindings=[binding(EVENTS_EXCHANGE, routing_key=t) for t in event_types],
+        durable=True,
+    )
+
+
+def event_delivery_name(event_type: str, pool: str) -> str:
+    """How one pool's delivery of an event is named in logs and Flower."""
+    return f"{event_type}@{pool}"

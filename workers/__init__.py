@@ -1,0 +1,1 @@
+"""Running postroom: the pool launcher, Flower, the demo and the ``postroom`` command."""

@@ -1,0 +1,58 @@
+"""The seeds' flow, run against live pools: one command, its reply, and three independent reactions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+from postroom import MessageBus, Query, Reply
+from tasks.analytics import GetAssetStats
+from tasks.assets import BindDevice, GetAsset, RegisterAsset
+from tasks.notifications import ListNotifications
+from tasks.search import SearchAssets
+
+
+def _until(ask: Callable[[], Reply], done: Callable[[Reply], bool], timeout: float = 30.0) -> Reply:
+    """Ask again until a read model has caught up: events are handled asynchronously, by design."""
+    deadline = time.monotonic() + timeout
+    reply = ask()
+    while not done(reply) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        reply = ask()
+    return reply
+
+
+def run(bus: MessageBus, name: str = "Truck 12") -> None:
+    def ask(query: Query) -> Reply:
+        return bus.ask(query, timeout=30)
+
+    pending = bus.send(
+        RegisterAsset(name=name, description="Demo asset", attributes={"fleet": "north"})
+    )
+    print(f"-> RegisterAsset({name!r}) sent, correlation_id={pending.correlation_id}")
+    reply = pending.reply(timeout=30)
+    print(f"<- reply: {reply.status} {reply.value}")
+    asset_id = reply.value["asset_id"]
+
+    bound = bus.send(BindDevice(asset_id=asset_id, device_id=uuid.uuid4())).reply(timeout=30)
+    print(f"-> BindDevice(asset {asset_id}) <- {bound.status}")
+    refused = bus.send(BindDevice(asset_id=uuid.uuid4(), device_id=uuid.uuid4())).reply(timeout=30)
+    print(
+        f"-> BindDevice(unknown asset) <- {refused.status}: {refused.error and refused.error.message}"
+    )
+    print(f"?> GetAsset <- {ask(GetAsset(asset_id=asset_id)).value}")
+
+    print("Three pools reacted to AssetRegistered / DeviceBound, each on its own copy:")
+    found = _until(
+        lambda: ask(SearchAssets(text=name)),
+        lambda r: any(a["asset_id"] == asset_id for a in r.value or []),
+    )
+    print(f"   search        SearchAssets({name!r}) <- {len(found.value or [])} match(es)")
+    stats = _until(lambda: ask(GetAssetStats()), lambda r: r.ok and r.value["devices_bound"] > 0)
+    print(f"   analytics     GetAssetStats() <- {stats.value}")
+    notes = _until(
+        lambda: ask(ListNotifications(asset_id=asset_id)), lambda r: len(r.value or []) >= 2
+    )
+    for note in notes.value or []:
+        print(f"   notifications {note['text']} (correlation_id={note['correlation_id']})")
