@@ -68,8 +68,13 @@ class Registry:
     def pools_subscribed(self, event_type: str) -> list[str]:
         return sorted(owner for event, owner in self._subscribers if event == event_type)
 
-    def pools(self) -> list[str]:
-        return sorted({owner for _, owner in self._subscribers})
+    def pools(self) -> dict[str, list[str]]:
+        """Every subscriber pool with the event types it subscribes to."""
+        return {pool: self.subscriptions(pool) for pool in {o for _, o in self._subscribers}}
+
+    def services(self) -> list[str]:
+        """Every service that owns a command or query."""
+        return sorted({h.owner for h in self._owners.values()})
 
 
 registry = Registry()

@@ -69,3 +69,14 @@ def event_queue(pool: str, event_types: list[str]) -> Queue:
 def event_delivery_name(event_type: str, pool: str) -> str:
     """How one pool's delivery of an event is named in logs and Flower."""
     return f"{event_type}@{pool}"
+
+
+def declared_queues(owners: list[str], pools: dict[str, list[str]]) -> list[Queue]:
+    """Every queue of a deployment: one per owning service, one per subscriber pool.
+
+    ``owners`` are the services that handle commands or queries; ``pools`` maps each subscriber pool
+    to the event types it subscribes to. Which process consumes which queue is the pools' business.
+    """
+    queues = [command_queue(service) for service in sorted(set(owners))]
+    queues += [event_queue(pool, types) for pool, types in sorted(pools.items())]
+    return queues

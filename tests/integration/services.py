@@ -1,0 +1,99 @@
+"""Test-only services, loaded by test workers through POSTROOM_IMPORTS.
+
+They do nothing useful; they make behaviour observable: every run and every delivery is recorded
+in the test's own Redis namespace, so a test can count what actually happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from postroom import Command, Event, HandlerContext, Rejected, TransientError, handles, subscribes
+from tasks.state import client, key
+
+SERVICE = "probe"
+POOLS = ("pool_a", "pool_b", "pool_c")
+
+
+class Echo(Command, service=SERVICE):
+    text: str
+
+
+class Flaky(Command, service=SERVICE):
+    key: str
+    failures: int
+
+
+class Refuse(Command, service=SERVICE):
+    reason: str
+
+
+class Crash(Command, service=SERVICE):
+    key: str
+
+
+class EmitProbe(Command, service=SERVICE):
+    key: str
+
+
+class ProbeHappened(Event, service=SERVICE):
+    key: str
+    fail_pool: str | None = None
+    fail_times: int = 0
+    hang_pool: str | None = None
+
+
+@handles(Echo)
+def echo(cmd: Echo, ctx: HandlerContext) -> dict[str, object]:
+    return {"text": cmd.text, "envelope": ctx.envelope.to_headers(), "attempt": ctx.attempt}
+
+
+@handles(Flaky)
+def flaky(cmd: Flaky, ctx: HandlerContext) -> dict[str, int]:
+    runs = client().incr(key(SERVICE, "flaky", cmd.key))
+    if runs <= cmd.failures:
+        raise TransientError(f"run {runs} fails on purpose")
+    return {"runs": runs}
+
+
+@handles(Refuse)
+def refuse(cmd: Refuse, ctx: HandlerContext) -> None:
+    client().incr(key(SERVICE, "refused", ctx.correlation_id))
+    raise Rejected(cmd.reason)
+
+
+@handles(Crash)
+def crash(cmd: Crash, ctx: HandlerContext) -> None:
+    client().incr(key(SERVICE, "crashed", cmd.key))
+    raise ValueError("a bug in the handler")
+
+
+@handles(EmitProbe)
+def emit_probe(cmd: EmitProbe, ctx: HandlerContext) -> str:
+    return ctx.publish(ProbeHappened(key=cmd.key))
+
+
+def _record(pool: str, event: ProbeHappened, ctx: HandlerContext) -> None:
+    db = client()
+    runs = db.hincrby(key(SERVICE, event.key, "runs"), pool, 1)
+    if event.hang_pool == pool and db.set(
+        key(SERVICE, event.key, "hung", pool), os.getpid(), nx=True
+    ):
+        time.sleep(120)  # the test kills this process meanwhile
+    if event.fail_pool == pool and runs <= event.fail_times:
+        raise TransientError(f"{pool} run {runs} fails on purpose")
+    delivery = {
+        "message_id": ctx.message_id,
+        "correlation_id": ctx.correlation_id,
+        "causation_id": ctx.causation_id,
+        "attempt": ctx.attempt,
+    }
+    db.rpush(key(SERVICE, event.key, "done", pool), json.dumps(delivery))
+
+
+for _pool in POOLS:
+    subscribes(ProbeHappened, pool=_pool)(
+        lambda event, ctx, _pool=_pool: _record(_pool, event, ctx)
+    )

@@ -1,0 +1,146 @@
+"""Real brokers, real workers: an isolated broker context per test module, and worker subprocesses.
+
+Each context gets its own namespace (a Redis key prefix for the broker and the services' state) or
+its own RabbitMQ vhost, and uses Redis DBs 11 (broker) and 12 (replies, state) rather than the
+defaults, so tests never see each other's messages nor touch a developer's data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from celery import Celery
+
+from config.celery import create_app
+from config.pools import Pool
+from config.settings import Settings
+from workers.launcher import wait_until_ready, worker_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS = "redis://127.0.0.1:6379"
+BROKER_DB, STATE_DB = 11, 12
+BROKERS = ["redis", "rabbitmq"]
+TEST_SERVICES = "tests.integration.services"
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@dataclass
+class WorkerProcess:
+    pool: Pool
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class BrokerContext:
+    kind: str
+    env: dict[str, str]
+    settings: Settings
+    app: Celery
+    workdir: Path
+    vhost: str | None = None
+    workers: list[WorkerProcess] = field(default_factory=list)
+    _state: redis.Redis | None = None
+
+    @property
+    def namespace(self) -> str:
+        return self.settings.namespace
+
+    def state(self) -> redis.Redis:
+        if self._state is None:
+            self._state = redis.Redis.from_url(f"{REDIS}/{STATE_DB}", decode_responses=True)
+        return self._state
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    def start_worker(self, pool: Pool, *, ready_timeout: float = 60.0) -> WorkerProcess:
+        log = self.workdir / f"{pool.name}-{len(self.workers)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                worker_argv(pool, self.settings), cwd=ROOT, env=self.env,
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        worker = WorkerProcess(pool, proc, log)
+        self.workers.append(worker)
+        try:
+            wait_until_ready(self.app, [pool], timeout=ready_timeout)
+        except TimeoutError:
+            worker.stop()
+            raise AssertionError(f"worker {pool.name} did not start:\n{worker.output()}") from None
+        return worker
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.app.close()
+        if self._state is not None:
+            self._state.close()
+        for db in (BROKER_DB, STATE_DB):
+            with redis.Redis.from_url(f"{REDIS}/{db}") as client:
+                keys = list(client.scan_iter(f"{self.namespace}:*", count=1000))
+                for start in range(0, len(keys), 1000):
+                    client.delete(*keys[start : start + 1000])
+        if self.vhost:
+            _rabbitmqctl("delete_vhost", self.vhost)
+
+
+def broker_context(kind: str, workdir: Path, **overrides: str) -> BrokerContext:
+    """A fresh, isolated broker context; ``overrides`` are POSTROOM_* settings by field name."""
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    vhost = None
+    if kind == "redis":
+        broker = f"{REDIS}/{BROKER_DB}"
+    else:
+        vhost = f"postroom-test-{namespace}"
+        _rabbitmqctl("add_vhost", vhost)
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        broker = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    values = {
+        "broker_url": broker,
+        "result_backend": f"{REDIS}/{STATE_DB}",
+        "namespace": namespace,
+        "imports": TEST_SERVICES,
+        "max_retries": "3",
+        "retry_backoff": "0.05",
+        "retry_backoff_max": "0.2",
+        "reply_ttl": "900",
+        "log_level": "INFO",
+        **overrides,
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
+    env.update({f"POSTROOM_{name.upper()}": value for name, value in values.items()})
+    env["PYTHONUNBUFFERED"] = "1"
+    settings = Settings.from_env(env)
+    return BrokerContext(kind, env, settings, create_app(settings), workdir, vhost)
+
+
+def wait_for(predicate: object, timeout: float = 30.0, interval: float = 0.1) -> None:
+    """Until ``predicate()`` is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
