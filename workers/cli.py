@@ -15,6 +15,7 @@ from workers.launcher import (
     flower_argv,
     flower_env,
     flower_url,
+    wait_for_flower,
     wait_until_ready,
     worker_argv,
 )
@@ -49,6 +50,8 @@ def _up(args: argparse.Namespace) -> int:
     )
     try:
         wait_until_ready(app, POOLS)
+        if not args.no_flower:
+            wait_for_flower(settings)  # so that Flower sees everything from the first message
         print("postroom: every pool is ready", flush=True)
         if args.demo:
             demo.run(MessageBus(app, source="demo"))

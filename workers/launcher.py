@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 
 from celery import Celery
@@ -71,6 +73,23 @@ def wait_until_ready(app: Celery, pools: Iterable[Pool], timeout: float = 60.0) 
             )
         for answer in app.control.ping(destination=sorted(waiting), timeout=1.0) or []:
             waiting -= set(answer)
+
+
+def wait_for_flower(settings: Settings, timeout: float = 60.0) -> None:
+    """Block until Flower answers HTTP (a 401 counts: it is up, and asking for credentials)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(flower_url(settings) + "healthcheck", timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Flower did not answer at {flower_url(settings)} in {timeout}s"
+                ) from None
+            time.sleep(0.3)
 
 
 class Supervisor:

@@ -7,11 +7,10 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
-from config.pools import Pool, subscriber_pool
+from config.pools import Pool
 from postroom import MessageBus
 from tests.integration.services import POOLS, EmitProbe, ProbeHappened
 from tests.support import BrokerContext, wait_for
@@ -20,12 +19,12 @@ pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
-def pools(broker: BrokerContext) -> Iterator[dict[str, Pool]]:
+def pools(broker: BrokerContext) -> dict[str, Pool]:
     broker.start_worker(Pool("probe", ("commands.probe",), concurrency=2))
     started = {name: Pool(name, ("events." + name,), concurrency=1) for name in POOLS}
     for pool in started.values():
         broker.start_worker(pool)
-    yield started
+    return started
 
 
 @pytest.fixture
@@ -106,12 +105,3 @@ def test_a_worker_killed_mid_event_gets_it_again_in_its_own_pool_only(
     settle(broker, key, dict.fromkeys(POOLS, 1))
     assert runs(broker, key) == {"pool_a": 1, "pool_b": 2, "pool_c": 1}
     assert [len(deliveries(broker, key, p)) for p in POOLS] == [1, 1, 1]
-
-
-def test_reference_pools_subscribe_by_event_type() -> None:
-    """A pool's queue is bound under each event type it subscribes to, and nothing else."""
-    from config.celery import app
-
-    bound = {q.name: sorted(b.routing_key for b in q.bindings) for q in app.conf.task_queues}
-    assert bound[subscriber_pool("search").queues[0]] == ["assets.AssetRegistered"]
-    assert bound["events.analytics"] == ["assets.AssetRegistered", "assets.DeviceBound"]

@@ -1,0 +1,182 @@
+"""`postroom up` as a user runs it: pools and Flower, commands from a plain shell, a clean stop."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.pools import POOLS
+from postroom import MessageBus
+from tasks.analytics import GetAssetStats
+from tasks.notifications import ListNotifications
+from tasks.search import SearchAssets
+from tests.support import ROOT, BrokerContext, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
+
+AUTH = "watcher:correct-horse"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Up:
+    def __init__(self, broker: BrokerContext, log: Path) -> None:
+        self.port = _free_port()
+        self.env = dict(
+            broker.env,
+            POSTROOM_FLOWER_PORT=str(self.port),
+            POSTROOM_FLOWER_BASIC_AUTH=AUTH,
+            POSTROOM_IMPORTS="",
+        )
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "up", "--demo"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def flower(self, path: str, auth: str | None = AUTH) -> Any:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if auth:
+            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def up(broker: BrokerContext) -> Iterator[Up]:
+    running = Up(broker, broker.workdir / "up.log")
+    try:
+        wait_for(
+            lambda: "demo done" in running.output() or running.proc.poll() is not None, timeout=120
+        )
+        assert running.proc.poll() is None, running.output()
+        yield running
+    finally:
+        if running.proc.poll() is None:
+            running.proc.send_signal(signal.SIGTERM)
+            running.proc.wait(60)
+
+
+def test_up_prints_where_flower_is_and_the_demo_shows_a_reply_and_three_reactions(up: Up) -> None:
+    out = up.output()
+    assert f"Flower at http://127.0.0.1:{up.port}/" in out
+    assert "<- reply: succeeded {'asset_id':" in out
+    assert "search        SearchAssets('Truck 12') <- 1 match(es)" in out
+    assert "analytics     GetAssetStats() <- {'assets_registered': 1, 'devices_bound': 1}" in out
+    assert "notifications Asset 'Truck 12' was registered" in out
+    assert "Traceback" not in out
+
+
+SHELL = """
+import config
+from postroom import bus
+from tasks.assets import RegisterAsset
+pending = bus.send(RegisterAsset(name="Forklift 7", attributes={"site": "dock 4"}))
+print(pending.correlation_id)
+"""
+
+FETCH = """
+import sys
+import config
+from postroom import bus
+print(bus.reply_for(sys.argv[1], timeout=30).model_dump_json())
+"""
+
+
+def _shell(up: Up, code: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=up.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_command_from_a_plain_shell_gets_its_reply_by_correlation_id_and_fans_out(
+    up: Up, broker: BrokerContext
+) -> None:
+    correlation_id = _shell(up, SHELL)
+    reply = json.loads(_shell(up, FETCH, correlation_id))
+    assert (reply["status"], reply["correlation_id"]) == ("succeeded", correlation_id)
+    asset_id = reply["value"]["asset_id"]
+
+    bus = MessageBus(broker.app)
+    wait_for(
+        lambda: any(a["asset_id"] == asset_id for a in bus.ask(SearchAssets(text="forklift")).value)
+    )
+    wait_for(lambda: len(bus.ask(ListNotifications(asset_id=asset_id)).value) == 1)
+    wait_for(lambda: bus.ask(GetAssetStats()).value["assets_registered"] == 2)
+
+    tasks = {}
+
+    def seen_in_flower() -> bool:
+        tasks.update(up.flower("/api/tasks"))
+        names = {t["name"] for t in tasks.values() if t.get("root_id") == correlation_id}
+        return {
+            "assets.RegisterAsset",
+            "assets.AssetRegistered@search",
+            "assets.AssetRegistered@analytics",
+            "assets.AssetRegistered@notifications",
+        } <= names
+
+    wait_for(seen_in_flower, timeout=30)
+    command = tasks[correlation_id]
+    assert command["name"] == "assets.RegisterAsset"
+    assert "Forklift 7" in command["kwargs"]
+    deliveries = [
+        t
+        for t in tasks.values()
+        if t["name"].startswith("assets.AssetRegistered@") and t["root_id"] == correlation_id
+    ]
+    assert len({t["uuid"] for t in deliveries}) == 3  # one task per pool, not one for all
+    for task in deliveries:
+        assert f"correlation_id={correlation_id}" in task["args"]
+        assert "message_id=" in task["args"]
+        assert task["state"] == "SUCCESS"
+
+
+def test_flower_refuses_requests_without_credentials(up: Up) -> None:
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        up.flower("/api/tasks", auth=None)
+    assert refused.value.code == 401
+    with pytest.raises(urllib.error.HTTPError):
+        up.flower("/api/tasks", auth="watcher:wrong")
+
+
+def test_sigterm_stops_every_pool_and_flower(up: Up, broker: BrokerContext) -> None:
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    assert not broker.app.control.ping(timeout=1.0)
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", up.port)) != 0
+    assert AUTH.split(":")[1] not in up.output()
+    assert len(POOLS) == up.output().count("Warm shutdown")
+    time.sleep(0)

@@ -1,0 +1,57 @@
+"""The envelope: IDs that sort by time, and headers checked on receipt."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from postroom import Envelope, InvalidMessage, uuid7
+from postroom.headers import PREFIX
+
+
+def test_message_ids_are_uuid7_and_sort_by_creation_time() -> None:
+    ids = [uuid7() for _ in range(50)]
+    assert all(uuid.UUID(i).version == 7 for i in ids)
+    assert all(uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert [i[:13] for i in ids] == sorted(i[:13] for i in ids)  # the millisecond prefix
+
+
+def test_a_new_conversation_is_correlated_by_its_first_message() -> None:
+    env = Envelope.new("assets.RegisterAsset", 1, source="api")
+    assert env.correlation_id == env.message_id
+    assert env.causation_id is None
+
+
+def test_headers_round_trip() -> None:
+    env = Envelope.new(
+        "assets.AssetRegistered", 2, source="assets", correlation_id=uuid7(), causation_id=uuid7()
+    )
+    assert Envelope.from_headers(env.to_headers()) == env
+
+
+def test_missing_headers_are_named() -> None:
+    headers = Envelope.new("a.B", 1, source="x").to_headers()
+    del headers[PREFIX + "message_id"], headers[PREFIX + "source"]
+    with pytest.raises(InvalidMessage, match=r"postroom\.message_id, postroom\.source"):
+        Envelope.from_headers(headers)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("message_id", "not-a-uuid", "not a UUID"),
+        ("correlation_id", 7, "not a UUID"),
+        ("version", "1", "not an integer"),
+        ("version", True, "not an integer"),
+        ("message_type", "", "non-empty string"),
+        ("created_at", "yesterday", "ISO 8601"),
+    ],
+)
+def test_malformed_headers_are_refused_with_the_reason(
+    name: str, value: object, reason: str
+) -> None:
+    headers = Envelope.new("a.B", 1, source="x").to_headers()
+    headers[PREFIX + name] = value
+    with pytest.raises(InvalidMessage, match=reason):
+        Envelope.from_headers(headers)
