@@ -53,14 +53,11 @@ def is_event_queue(queue_name: str) -> bool:
 def event_queue(pool: str, event_types: list[str]) -> Queue:
     """A pool's durable queue, bound to the events exchange once per event type it subscribes to.
 
-    It is also bound under its own name, which no event type can take (type names have no
-    ``events.`` prefix), so the queue's default route points at the pool and nowhere else.
+    Its retries never go through these bindings: they are sent to the queue by name (see
+    subscribers.EventTask), so a retry reaches this pool and no other.
     """
-    name = event_queue_name(pool)
     return Queue(
-        name,
-        EVENTS_EXCHANGE,
-        routing_key=name,
+        event_queue_name(pool),
         bindings=[binding(EVENTS_EXCHANGE, routing_key=t) for t in event_types],
         durable=True,
     )

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -179,4 +178,3 @@ def test_sigterm_stops_every_pool_and_flower(up: Up, broker: BrokerContext) -> N
         assert sock.connect_ex(("127.0.0.1", up.port)) != 0
     assert AUTH.split(":")[1] not in up.output()
     assert len(POOLS) == up.output().count("Warm shutdown")
-    time.sleep(0)
