@@ -14,6 +14,7 @@ from celery import Celery
 from config.settings import Settings, settings
 from postroom.handlers import RetryPolicy
 from postroom.registry import registry
+from postroom.reliability import Reliability
 from postroom.topology import declared_queues
 
 #: modules holding the reference services' contracts and handlers; POSTROOM_IMPORTS adds more
@@ -24,6 +25,8 @@ def _broker_transport_options(settings: Settings) -> dict[str, object]:
     if settings.broker_is_redis:
         return {
             "visibility_timeout": settings.visibility_timeout,
+            "unacked_restore_interval": settings.restore_interval,
+            "unacked_restore_throttle": 1,  # the interval alone sets the sweep period
             "global_keyprefix": f"{settings.namespace}:",
         }
     return {"confirm_publish": True}
@@ -52,6 +55,13 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options=_broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_consumer="postroom.reliability:DeadLetteringConsumer",
+        postroom_reliability=Reliability(
+            redis_url=settings.state,
+            namespace=settings.namespace,
+            inbox_retention=settings.inbox_retention,
+            poison_after=settings.poison_after,
+        ),
         postroom_retry_policy=RetryPolicy(
             max_retries=settings.max_retries,
             backoff=settings.retry_backoff,

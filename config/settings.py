@@ -40,6 +40,18 @@ class Settings:
         "seconds before Redis redelivers an unacknowledged message; must exceed the longest "
         "handler run plus the longest retry delay",
     )
+    restore_interval: int = _setting(
+        10,
+        "Redis only: seconds between the sweeps that give expired unacknowledged messages back "
+        "(kombu's default is about 100 s)",
+    )
+    inbox_retention: int = _setting(
+        604800,
+        "seconds a consumer remembers a handled message ID (and a command's reply) to drop repeats",
+    )
+    poison_after: int = _setting(
+        3, "deliveries that kill their worker before a message is dead-lettered as poison"
+    )
     max_retries: int = _setting(
         5, "retries of a transient failure before the reply says failed (attempts = this + 1)"
     )

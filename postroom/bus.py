@@ -119,6 +119,7 @@ class MessageBus:
         correlation_id: str | None = None,
         causation_id: str | None = None,
         source: str | None = None,
+        message_id: str | None = None,
     ) -> str:
         """Broadcast an event to every pool subscribed to its type; returns its message ID.
 
@@ -137,6 +138,7 @@ class MessageBus:
             source=source or self.source,
             correlation_id=correlation_id,
             causation_id=causation_id,
+            message_id=message_id,
         )
         app = self.app
         message = app.amqp.create_task_message(

@@ -1,16 +1,17 @@
-"""Turns plain handler functions into Celery tasks that decode, run, retry and reply.
+"""Turns plain handler functions into Celery tasks that decode, deduplicate, run, retry and reply.
 
 The task is thin on purpose: it checks the envelope, validates the payload against the contract,
-calls the function with a context, and turns the outcome into a Reply. Business logic stays in the
-function, testable without a broker.
+skips a message its owner has already handled, calls the function with a context, and turns the
+outcome into a Reply. Business logic stays in the function, testable without a broker.
 """
 
 from __future__ import annotations
 
 import random
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import celery
 import kombu.exceptions
@@ -29,8 +30,9 @@ from postroom.errors import (
     TransientError,
 )
 from postroom.headers import Envelope, uuid7
-from postroom.messages import Command, ErrorInfo, Event, Message, Query, Reply
+from postroom.messages import Command, CommandFailed, ErrorInfo, Event, Message, Query, Reply
 from postroom.registry import Handler, registry
+from postroom.reliability import DeadLetter, Reliability, derived_id, reliability
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,14 +66,19 @@ def retry_policy(app: celery.Celery) -> RetryPolicy:
     return policy if isinstance(policy, RetryPolicy) else RetryPolicy()
 
 
-@dataclass(frozen=True)
 class HandlerContext:
     """What a handler knows about the message it runs for, and how it speaks in return."""
 
-    envelope: Envelope
-    attempt: int
-    owner: str
-    bus: MessageBus
+    def __init__(
+        self, envelope: Envelope, attempt: int, owner: str, bus: MessageBus, reliable: Reliability
+    ) -> None:
+        self.envelope = envelope
+        self.attempt = attempt
+        self.owner = owner
+        self.bus = bus
+        self._reliability = reliable
+        self._published = 0
+        self._transaction: Any = None
 
     @property
     def message_id(self) -> str:
@@ -86,20 +93,45 @@ class HandlerContext:
         return self.envelope.causation_id
 
     def publish(self, event: Event) -> str:
-        """Publish an event caused by this message, in the same conversation."""
+        """Publish an event caused by this message, in the same conversation.
+
+        Its message ID derives from this message's ID and its rank among this run's events, so a
+        second run of the handler publishes the same IDs and subscribers drop the repeats.
+        """
+        self._published += 1
         return self.bus.publish(
             event,
             correlation_id=self.correlation_id,
             causation_id=self.message_id,
             source=self.owner,
+            message_id=derived_id(self.message_id, self._published),
         )
+
+    def transaction(self) -> Any:
+        """A Redis MULTI pipeline committed together with this message's inbox mark.
+
+        Queue the handler's writes on it (it is on the inbox's Redis: POSTROOM_STATE_URL) and the
+        effect and the record that the message was handled land at once, or not at all.
+        """
+        if self._transaction is None:
+            self._transaction = self._reliability.client.pipeline(transaction=True)
+        return self._transaction
+
+    def commit(self, outcome: dict[str, Any]) -> None:
+        pipe = self.transaction()
+        self._reliability.inbox.mark(pipe, self.owner, self.message_id, outcome)
+        pipe.execute()
 
 
 class MessageTask(celery.Task):  # type: ignore[misc]
-    """What every postroom task shares: at-least-once settings, decoding and the retry decision."""
+    """What every postroom task shares: at-least-once settings, decoding, dedup, retries, DLQ."""
 
     acks_late = True
     reject_on_worker_lost = True
+
+    @property
+    def reliable(self) -> Reliability:
+        return reliability(self.app)
 
     def decode(
         self, contract: type[Message], args: tuple[Any, ...], payload: dict[str, Any]
@@ -119,7 +151,14 @@ class MessageTask(celery.Task):  # type: ignore[misc]
             raise InvalidMessage(f"invalid {contract.__name__} payload: {exc}") from exc
 
     def context(self, envelope: Envelope, owner: str) -> HandlerContext:
-        return HandlerContext(envelope, self.request.retries + 1, owner, MessageBus(self.app))
+        return HandlerContext(
+            envelope, self.request.retries + 1, owner, MessageBus(self.app), self.reliable
+        )
+
+    def poisonous(self, owner: str, message_id: str) -> int | None:
+        """Count this run; the number of runs so far if they exceed the limit (each killed its worker)."""
+        runs = self.reliable.inbox.started(owner, message_id)
+        return runs if runs > self.reliable.poison_after else None
 
     def should_retry(self, exc: BaseException) -> bool:
         policy = retry_policy(self.app)
@@ -134,6 +173,33 @@ class MessageTask(celery.Task):  # type: ignore[misc]
             **options,
         )
 
+    def dead_letter(
+        self,
+        reason: str,
+        exc: BaseException,
+        *,
+        queue: str,
+        owner: str,
+        payload: dict[str, Any],
+        message: str | None = None,
+    ) -> str:
+        """Keep the message, its headers and why it could not be handled; it can be redriven."""
+        headers = {k: v for k, v in (self.request.headers or {}).items() if k != "x-death"}
+        letter = DeadLetter(
+            reason=reason,
+            error_type=type(exc).__name__,
+            error_message=str(exc),
+            queue=queue,
+            owner=owner,
+            task=self.request.task or self.name,
+            task_id=self.request.id,
+            headers=headers,
+            kwargs=payload,
+            traceback="".join(traceback.format_exception(exc)),
+            attempts=self.request.retries + 1,
+        )
+        return self.reliable.dead_letters.add(letter)
+
 
 class HandlerTask(MessageTask):
     """Base task of every command and query handler: runs the one owner and records its Reply."""
@@ -142,37 +208,77 @@ class HandlerTask(MessageTask):
     handler: Handler
 
     def handle(self, args: tuple[Any, ...], payload: dict[str, Any]) -> dict[str, Any]:
-        attempt = self.request.retries + 1
+        owner, queue = self.handler.owner, f"commands.{self.handler.owner}"
         try:
             envelope, message = self.decode(self.handler.contract, args, payload)
         except InvalidMessage as exc:
-            error = ErrorInfo(type=type(exc).__name__, message=str(exc))
-            raise RejectedReply(self._reply("rejected", None, attempt, error=error)) from exc
+            self.dead_letter("invalid", exc, queue=queue, owner=owner, payload=payload)
+            raise RejectedReply(self._reply("rejected", None, error=_error(exc))) from exc
+        is_command = isinstance(message, Command)  # queries change nothing: no inbox needed
+        if is_command:
+            done = self.reliable.inbox.handled(owner, envelope.message_id)
+            if done is not None:  # a redelivery or a duplicate: the reply it already got
+                if done["status"] == "rejected":
+                    raise RejectedReply(done)
+                return done
+            runs = self.poisonous(owner, envelope.message_id)
+            if runs is not None:
+                self._give_up(envelope, payload, "poison", PoisonMessage(runs), queue)
+        ctx = self.context(envelope, owner)
         try:
-            value = to_jsonable_python(
-                self.handler.fn(message, self.context(envelope, self.handler.owner))
-            )
+            value = to_jsonable_python(self.handler.fn(message, ctx))
         except Rejected as exc:
-            error = ErrorInfo(type="Rejected", message=exc.reason)
-            raise RejectedReply(self._reply("rejected", envelope, attempt, error=error)) from exc
-        except PydanticSerializationError as exc:
-            error = ErrorInfo(
-                type="InvalidReply",
-                message=f"the handler's return value is not JSON-serialisable: {exc}",
+            reply = self._reply(
+                "rejected", envelope, error=ErrorInfo(type="Rejected", message=exc.reason)
             )
-            raise FailedReply(self._reply("failed", envelope, attempt, error=error)) from exc
+            if is_command:
+                ctx.commit(reply)
+            raise RejectedReply(reply) from exc
+        except PydanticSerializationError as exc:
+            self.reliable.inbox.ended(owner, envelope.message_id)
+            error = InvalidReply(f"the handler's return value is not JSON-serialisable: {exc}")
+            self._give_up(envelope, payload, "failed", error, queue)
         except Exception as exc:
+            self.reliable.inbox.ended(owner, envelope.message_id)
             if self.should_retry(exc):
                 raise self.retry_later(exc) from exc
-            error = ErrorInfo(type=type(exc).__name__, message=str(exc))
-            raise FailedReply(self._reply("failed", envelope, attempt, error=error)) from exc
-        return self._reply("succeeded", envelope, attempt, value=value)
+            self._give_up(envelope, payload, "failed", exc, queue)
+        reply = self._reply("succeeded", envelope, value=value)
+        if is_command:
+            ctx.commit(reply)
+        return reply
+
+    def _give_up(
+        self,
+        envelope: Envelope,
+        payload: dict[str, Any],
+        reason: str,
+        exc: BaseException,
+        queue: str,
+    ) -> NoReturn:
+        """Failed for good: dead-letter it, tell whoever cares (CommandFailed), reply failed."""
+        self.reliable.inbox.ended(self.handler.owner, envelope.message_id)
+        self.dead_letter(reason, exc, queue=queue, owner=self.handler.owner, payload=payload)
+        reply = self._reply("failed", envelope, error=_error(exc))
+        if issubclass(self.handler.contract, Command):
+            MessageBus(self.app).publish(
+                CommandFailed(
+                    command_type=self.handler.contract.__message_type__,
+                    error_type=type(exc).__name__,
+                    error_message=str(exc),
+                    attempts=self.request.retries + 1,
+                ),
+                correlation_id=envelope.correlation_id,
+                causation_id=envelope.message_id,
+                source=self.handler.owner,
+                message_id=derived_id(envelope.message_id, 0),
+            )
+        raise FailedReply(reply) from exc
 
     def _reply(
         self,
         status: str,
         envelope: Envelope | None,
-        attempt: int,
         *,
         value: Any = None,
         error: ErrorInfo | None = None,
@@ -185,8 +291,26 @@ class HandlerTask(MessageTask):
             message_id=uuid7(),
             causation_id=envelope.message_id if envelope else None,
             message_type=self.handler.contract.__message_type__,
-            attempts=attempt,
+            attempts=self.request.retries + 1,
         ).model_dump(mode="json")
+
+
+class PoisonMessage(Exception):
+    """The message was delivered again and again and never finished: it kills its worker."""
+
+    def __init__(self, runs: int) -> None:
+        super().__init__(
+            f"{runs} deliveries never finished (the worker died each time); "
+            "dead-lettered instead of delivered again"
+        )
+
+
+class InvalidReply(Exception):
+    """The handler returned something that cannot travel as JSON."""
+
+
+def _error(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(type=type(exc).__name__, message=str(exc))
 
 
 def handles(contract: type[Message], *, service: str | None = None) -> Callable[[F], F]:

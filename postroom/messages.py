@@ -120,7 +120,7 @@ class Message(BaseModel):
         **kwargs: Any,
     ) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        if abstract or cls.__module__ == __name__:
+        if abstract:
             return
         if cls.kind == "message":
             raise ContractError(
@@ -183,19 +183,19 @@ def contract_for(message_type: str) -> type[Message]:
         ) from None
 
 
-class Command(Message):
+class Command(Message, abstract=True):
     """Asks the one service that owns it to do something; may be rejected. Name it imperatively."""
 
     kind: ClassVar[str] = "command"
 
 
-class Query(Message):
+class Query(Message, abstract=True):
     """Asks the one service that owns it for data; answered with a Reply like a command."""
 
     kind: ClassVar[str] = "query"
 
 
-class Event(Message):
+class Event(Message, abstract=True):
     """An immutable fact, broadcast to every subscriber pool. Name it in the past tense."""
 
     kind: ClassVar[str] = "event"
@@ -227,3 +227,12 @@ class Reply(BaseModel):
     @property
     def ok(self) -> bool:
         return self.status == "succeeded"
+
+
+class CommandFailed(Event, service="postroom"):
+    """A command failed for good (retries exhausted, a bug, or poison) and was dead-lettered."""
+
+    command_type: str
+    error_type: str
+    error_message: str
+    attempts: int

@@ -17,7 +17,7 @@ import celery
 from celery.worker.request import Request
 
 from postroom.errors import ContractError, InvalidMessage
-from postroom.handlers import MessageTask, register_task
+from postroom.handlers import MessageTask, PoisonMessage, register_task
 from postroom.headers import PREFIX
 from postroom.messages import Event
 from postroom.registry import Handler, registry
@@ -69,21 +69,41 @@ class EventTask(MessageTask):
     def handle(self, args: tuple[Any, ...], payload: dict[str, Any]) -> None:
         pool = worker_pool(self.app)
         handler = registry.subscriber(self.name, pool) if pool else None
+        queue = event_queue_name(pool) if pool else str(self.request.delivery_info)
         if pool is None or handler is None:
-            raise InvalidMessage(
+            stray = InvalidMessage(
                 f"{self.name} reached a worker of pool {pool!r}, which does not subscribe to it"
             )
-        envelope, event = self.decode(handler.contract, args, payload)
+            self.dead_letter("unknown", stray, queue=queue, owner=pool or "", payload=payload)
+            raise stray
         try:
-            handler.fn(event, self.context(envelope, pool))
+            envelope, event = self.decode(handler.contract, args, payload)
+        except InvalidMessage as exc:
+            self.dead_letter("invalid", exc, queue=queue, owner=pool, payload=payload)
+            raise
+        inbox = self.reliable.inbox
+        if inbox.handled(pool, envelope.message_id) is not None:
+            return  # this pool already handled this event: a redelivery or a duplicate
+        runs = self.poisonous(pool, envelope.message_id)
+        if runs is not None:
+            poison = PoisonMessage(runs)
+            inbox.ended(pool, envelope.message_id)
+            self.dead_letter("poison", poison, queue=queue, owner=pool, payload=payload)
+            raise poison
+        ctx = self.context(envelope, pool)
+        try:
+            handler.fn(event, ctx)
         except Exception as exc:
+            inbox.ended(pool, envelope.message_id)
             if self.should_retry(exc):
                 # Task.retry() would re-publish through the exchange and key the copy came in on,
                 # broadcasting it to every pool again: send it back to this pool's queue alone.
                 raise self.retry_later(
                     exc, queue=event_queue_name(pool), exchange_type="direct"
                 ) from exc
+            self.dead_letter("failed", exc, queue=queue, owner=pool, payload=payload)
             raise
+        ctx.commit({"status": "handled", "attempts": ctx.attempt})
 
 
 def subscribes(event: type[Event], *, pool: str) -> Callable[[F], F]:

@@ -15,12 +15,12 @@ class GetAssetStats(Query):
 
 @subscribes(AssetRegistered, pool=POOL)
 def count_registration(event: AssetRegistered, ctx: HandlerContext) -> None:
-    client().hincrby(key(POOL, "counts"), "assets_registered", 1)
+    ctx.transaction().hincrby(key(POOL, "counts"), "assets_registered", 1)  # once per event
 
 
 @subscribes(DeviceBound, pool=POOL)
 def count_binding(event: DeviceBound, ctx: HandlerContext) -> None:
-    client().hincrby(key(POOL, "counts"), "devices_bound", 1)
+    ctx.transaction().hincrby(key(POOL, "counts"), "devices_bound", 1)
 
 
 @handles(GetAssetStats, service=POOL)

@@ -61,17 +61,21 @@ def _load(asset_id: uuid.UUID) -> dict[str, Any] | None:
 
 @handles(RegisterAsset, service=SERVICE)
 def register_asset(cmd: RegisterAsset, ctx: HandlerContext) -> dict[str, str]:
-    """Store the asset, then tell whoever cares; the reply carries the new asset's ID."""
+    """Store the asset, then tell whoever cares; the reply carries the new asset's ID.
+
+    The event goes out before the write commits (together with the inbox mark, in one
+    transaction): a crash in between runs the handler again, which publishes the same event ID
+    again, and subscribers drop the repeat. The other order could lose the event.
+    """
     asset_id = uuid.uuid5(_ASSET_IDS, ctx.message_id)
-    record = {
+    record = _load(asset_id) or {
         "asset_id": str(asset_id),
         "name": cmd.name,
         "description": cmd.description,
         "attributes": cmd.attributes,
         "registered_at": datetime.now(UTC).isoformat(),
     }
-    if not client().set(_asset_key(asset_id), json.dumps(record), nx=True):
-        record = _load(asset_id) or record  # a redelivery: announce the asset as first stored
+    ctx.transaction().set(_asset_key(asset_id), json.dumps(record), nx=True)
     ctx.publish(
         AssetRegistered(
             asset_id=asset_id,
@@ -88,13 +92,13 @@ def register_asset(cmd: RegisterAsset, ctx: HandlerContext) -> dict[str, str]:
 def bind_device(cmd: BindDevice, ctx: HandlerContext) -> dict[str, str]:
     if _load(cmd.asset_id) is None:
         raise Rejected(f"asset {cmd.asset_id} does not exist: register it first")
-    db = client()
     device_key = key(SERVICE, "device", str(cmd.device_id))
-    db.set(device_key, str(cmd.asset_id), nx=True)
-    owner = db.get(device_key)
-    if owner != str(cmd.asset_id):
+    owner = client().get(device_key)
+    if owner is not None and owner != str(cmd.asset_id):
         raise Rejected(f"device {cmd.device_id} is already bound to asset {owner}")
-    db.sadd(key(SERVICE, "devices", str(cmd.asset_id)), str(cmd.device_id))
+    tx = ctx.transaction()
+    tx.set(device_key, str(cmd.asset_id))
+    tx.sadd(key(SERVICE, "devices", str(cmd.asset_id)), str(cmd.device_id))
     ctx.publish(
         DeviceBound(asset_id=cmd.asset_id, device_id=cmd.device_id, bound_at=datetime.now(UTC))
     )

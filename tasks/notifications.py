@@ -23,7 +23,7 @@ def _record(asset_id: uuid.UUID, text: str, ctx: HandlerContext) -> None:
         "correlation_id": ctx.correlation_id,
         "at": ctx.envelope.created_at,
     }
-    client().rpush(key(POOL, "asset", str(asset_id)), json.dumps(note))
+    ctx.transaction().rpush(key(POOL, "asset", str(asset_id)), json.dumps(note))  # once per event
 
 
 @subscribes(AssetRegistered, pool=POOL)

@@ -23,11 +23,10 @@ def _words(text: str) -> set[str]:
 
 @subscribes(AssetRegistered, pool=POOL)
 def index_asset(event: AssetRegistered, ctx: HandlerContext) -> None:
-    db = client().pipeline()
-    db.hset(key(POOL, "names"), str(event.asset_id), event.name)
+    tx = ctx.transaction()
+    tx.hset(key(POOL, "names"), str(event.asset_id), event.name)
     for word in _words(event.name):
-        db.sadd(key(POOL, "word", word), str(event.asset_id))
-    db.execute()
+        tx.sadd(key(POOL, "word", word), str(event.asset_id))
 
 
 @handles(SearchAssets, service=POOL)

@@ -9,7 +9,7 @@ import sys
 from config import app, settings
 from config.pools import POOLS, pool_named
 from postroom import MessageBus
-from workers import demo
+from workers import demo, dlq
 from workers.launcher import (
     Supervisor,
     flower_argv,
@@ -91,11 +91,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("flower", help="start Flower").set_defaults(run=_flower)
     sub.add_parser("demo", help="run the demo against running pools").set_defaults(run=_demo)
     sub.add_parser("pools", help="list the pools").set_defaults(run=_pools)
+    dlq.add_parser(sub)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "dlq":
+        return dlq.run(app, args)
     code: int = args.run(args)
     return code
 

@@ -1,0 +1,262 @@
+"""What makes at-least-once delivery safe: an inbox per consumer, a poison counter, dead letters.
+
+Delivery is at-least-once, so a consumer sees some messages twice. The inbox remembers, per service
+or pool, which message IDs it has handled (and, for a command, the reply it gave), so a repeat is
+acknowledged without running the handler again. A handler whose writes go to the same Redis can put
+them in one MULTI/EXEC with the inbox mark (``ctx.transaction()``): then a crash between the two
+cannot happen. Messages that cannot be handled (undecodable, unknown, invalid, failed for good, or
+killing their worker again and again) are dead-lettered with the reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery.utils.log import get_logger
+from celery.worker.consumer import Consumer
+
+from postroom.headers import uuid7
+
+logger = get_logger(__name__)
+
+
+def derived_id(parent: str, n: int) -> str:
+    """The n-th message ID caused by ``parent``: the same on every run of the same handler.
+
+    A handler that runs twice (its first run crashed after publishing) publishes the same event IDs
+    again, so the subscribers' inboxes drop the repeats. The ID is a UUIDv7 whose time is the
+    parent's (when the parent is a UUIDv7), so IDs still sort by time.
+    """
+    digest = int.from_bytes(hashlib.sha256(f"{parent}/{n}".encode()).digest()[:16], "big")
+    parent_uuid = uuid.UUID(parent)
+    millis = parent_uuid.int >> 80 if parent_uuid.version == 7 else time.time_ns() // 1_000_000
+    value = (millis << 80) | (0x7 << 76) | (digest & ((1 << 76) - 1) & ~(0b11 << 62)) | (0b10 << 62)
+    return str(uuid.UUID(int=value))
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """Where the inbox and the dead letters live (a Redis), and their limits."""
+
+    redis_url: str
+    namespace: str = "postroom"
+    inbox_retention: int = 7 * 86400
+    poison_after: int = 3
+
+    @cached_property
+    def client(self) -> redis.Redis:
+        # redis-py notices a fork and reconnects, so one client per process is safe.
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+
+    @property
+    def inbox(self) -> Inbox:
+        return Inbox(self)
+
+    @property
+    def dead_letters(self) -> DeadLetters:
+        return DeadLetters(self)
+
+
+def reliability(app: Any) -> Reliability:
+    """The app's inbox and dead-letter store; by default in the result backend's Redis."""
+    configured = app.conf.get("postroom_reliability")
+    if not isinstance(configured, Reliability):
+        configured = app.conf.postroom_reliability = Reliability(redis_url=app.conf.result_backend)
+    return configured
+
+
+class Inbox:
+    """Which message IDs an owner has handled, with the reply a command got."""
+
+    def __init__(self, config: Reliability) -> None:
+        self.config = config
+        self.client = config.client
+
+    def _key(self, kind: str, owner: str, message_id: str) -> str:
+        return f"{self.config.namespace}:inbox:{kind}:{owner}:{message_id}"
+
+    def handled(self, owner: str, message_id: str) -> dict[str, Any] | None:
+        """What was recorded when this message was handled, or None if it was not."""
+        raw = self.client.get(self._key("done", owner, message_id))
+        return None if raw is None else dict(json.loads(raw))
+
+    def mark(self, pipe: Any, owner: str, message_id: str, outcome: dict[str, Any]) -> None:
+        """Queue the mark on ``pipe``, which the caller executes (with the handler's writes)."""
+        pipe.set(
+            self._key("done", owner, message_id),
+            json.dumps(outcome),
+            ex=self.config.inbox_retention,
+        )
+        pipe.delete(self._key("runs", owner, message_id))
+
+    def started(self, owner: str, message_id: str) -> int:
+        """Count one more run that has begun: runs that never end are a worker that died."""
+        key = self._key("runs", owner, message_id)
+        with self.client.pipeline() as pipe:
+            pipe.incr(key)
+            pipe.expire(key, self.config.inbox_retention)
+            runs, _ = pipe.execute()
+        return int(runs)
+
+    def ended(self, owner: str, message_id: str) -> None:
+        """The run came to an outcome (or a retry): it was not the message killing its worker."""
+        self.client.delete(self._key("runs", owner, message_id))
+
+
+@dataclass
+class DeadLetter:
+    """A message that could not be handled, with everything needed to understand and redrive it."""
+
+    reason: str
+    error_type: str
+    error_message: str
+    queue: str
+    exchange: str = ""
+    owner: str = ""
+    task: str = ""
+    task_id: str = ""
+    headers: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] | None = None
+    body: str | None = None  # the raw body, when it could not be decoded (base64 if not text)
+    body_encoding: str = "text"
+    content_type: str = ""
+    content_encoding: str = ""
+    traceback: str = ""
+    attempts: int = 1
+    at: float = field(default_factory=time.time)
+    id: str = field(default_factory=uuid7)
+
+    @classmethod
+    def raw_body(cls, body: bytes | str) -> tuple[str, str]:
+        if isinstance(body, str):
+            return body, "text"
+        try:
+            return body.decode("utf-8"), "text"
+        except UnicodeDecodeError:
+            return base64.b64encode(body).decode(), "base64"
+
+    def body_bytes(self) -> bytes:
+        assert self.body is not None
+        return base64.b64decode(self.body) if self.body_encoding == "base64" else self.body.encode()
+
+
+class DeadLetters:
+    """The dead-letter store: one JSON record per letter, indexed by time."""
+
+    def __init__(self, config: Reliability) -> None:
+        self.client = config.client
+        self._index = f"{config.namespace}:dlq"
+        self._prefix = f"{config.namespace}:dlq:letter:"
+
+    def add(self, letter: DeadLetter) -> str:
+        with self.client.pipeline() as pipe:
+            pipe.set(self._prefix + letter.id, json.dumps(asdict(letter), default=str))
+            pipe.zadd(self._index, {letter.id: letter.at})
+            pipe.execute()
+        return letter.id
+
+    def get(self, letter_id: str) -> DeadLetter | None:
+        raw = self.client.get(self._prefix + letter_id)
+        return None if raw is None else DeadLetter(**json.loads(raw))
+
+    def ids(self, limit: int | None = None) -> list[str]:
+        found = self.client.zrange(self._index, 0, -1 if limit is None else limit - 1)
+        return [str(letter_id) for letter_id in found]
+
+    def remove(self, letter_id: str) -> bool:
+        with self.client.pipeline() as pipe:
+            pipe.delete(self._prefix + letter_id)
+            pipe.zrem(self._index, letter_id)
+            deleted, _ = pipe.execute()
+        return bool(deleted)
+
+    def purge(self) -> int:
+        ids = self.ids()
+        for letter_id in ids:
+            self.remove(letter_id)
+        return len(ids)
+
+    def __len__(self) -> int:
+        return int(self.client.zcard(self._index))
+
+
+class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer, but a message it cannot even turn into a task is dead-lettered first.
+
+    Celery logs and drops a message it cannot decode (bad JSON, a refused content type such as
+    pickle), one of no known format, or one naming an unknown task. postroom keeps each, with the
+    reason, before Celery acknowledges it, so the worker keeps running and nothing is lost.
+    """
+
+    def _dead_letter_raw(self, message: Any, reason: str, exc: BaseException | None) -> None:
+        try:
+            headers = dict(message.headers or {})
+            body, encoding = DeadLetter.raw_body(message.body)
+            info = message.delivery_info or {}
+            letter = DeadLetter(
+                reason=reason,
+                error_type=type(exc).__name__ if exc else "UnknownMessage",
+                error_message=str(exc) if exc else "not a Celery task message",
+                queue=info.get("routing_key") or "",
+                exchange=info.get("exchange") or "",
+                task=str(headers.get("task", "")),
+                task_id=str(headers.get("id", "")),
+                headers=headers,
+                body=body,
+                body_encoding=encoding,
+                content_type=message.content_type or "",
+                content_encoding=message.content_encoding or "",
+            )
+            reliability(self.app).dead_letters.add(letter)
+        except Exception:
+            logger.exception(
+                "could not dead-letter a %s message; Celery's log has its body", reason
+            )
+
+    def on_decode_error(self, message: Any, exc: BaseException) -> None:
+        self._dead_letter_raw(message, "undecodable", exc)
+        super().on_decode_error(message, exc)
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._dead_letter_raw(message, "unknown", None)
+        super().on_unknown_message(body, message)
+
+    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        self._dead_letter_raw(message, "unknown", exc)
+        super().on_unknown_task(body, message, exc)
+
+    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
+        self._dead_letter_raw(message, "invalid", exc)
+        super().on_invalid_task(body, message, exc)
+
+
+def redrive(app: Any, letter: DeadLetter) -> None:
+    """Send a dead letter back to the queue it came from, with the same headers and message ID."""
+    if letter.kwargs is not None:  # it was decoded: send it again as the task it was
+        app.send_task(
+            letter.task,
+            kwargs=letter.kwargs,
+            task_id=letter.task_id or None,
+            headers=letter.headers,
+            queue=letter.queue,
+            exchange_type="direct",  # straight to the queue by name, like a retry
+            declare=[],
+        )
+        return
+    with app.producer_or_acquire() as producer:  # it never decoded: the same bytes again
+        producer.publish(
+            letter.body_bytes(),
+            exchange=letter.exchange,
+            routing_key=letter.queue,
+            headers=letter.headers,
+            content_type=letter.content_type,
+            content_encoding=letter.content_encoding,
+        )
