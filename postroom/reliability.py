@@ -22,6 +22,7 @@ from typing import Any
 import redis
 from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
+from kombu.exceptions import ContentDisallowed
 
 from postroom.headers import uuid7
 
@@ -234,7 +235,9 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        self._dead_letter_raw(message, "invalid", exc)
+        # Celery sends refused content types (pickle, anything not JSON) here too.
+        reason = "undecodable" if isinstance(exc, ContentDisallowed) else "invalid"
+        self._dead_letter_raw(message, reason, exc)
         super().on_invalid_task(body, message, exc)
 
 

@@ -11,6 +11,7 @@ import os
 import time
 
 from postroom import Command, Event, HandlerContext, Rejected, TransientError, handles, subscribes
+from postroom.messages import CommandFailed
 from tasks.state import client, key
 
 SERVICE = "probe"
@@ -35,6 +36,19 @@ class Crash(Command, service=SERVICE):
 
 
 class EmitProbe(Command, service=SERVICE):
+    key: str
+
+
+class Count(Command, service=SERVICE):
+    """Adds one to its key's counter, in the same transaction as the inbox mark."""
+
+    key: str
+    pause: float = 0.0
+
+
+class Explode(Command, service=SERVICE):
+    """Kills the worker process running it, every time: a poison message."""
+
     key: str
 
 
@@ -75,6 +89,26 @@ def emit_probe(cmd: EmitProbe, ctx: HandlerContext) -> str:
     return ctx.publish(ProbeHappened(key=cmd.key))
 
 
+@handles(Count)
+def count(cmd: Count, ctx: HandlerContext) -> dict[str, str]:
+    time.sleep(cmd.pause)
+    ctx.transaction().incr(key(SERVICE, "count", cmd.key))
+    return {"counted": cmd.key}
+
+
+@handles(Explode)
+def explode(cmd: Explode, ctx: HandlerContext) -> None:
+    client().incr(key(SERVICE, "exploded", cmd.key))
+    os._exit(1)
+
+
+@subscribes(CommandFailed, pool="pool_a")
+def record_fault(event: CommandFailed, ctx: HandlerContext) -> None:
+    fault = {"correlation_id": ctx.correlation_id, "causation_id": ctx.causation_id,
+             **event.payload()}
+    ctx.transaction().rpush(key(SERVICE, "faults"), json.dumps(fault))
+
+
 def _record(pool: str, event: ProbeHappened, ctx: HandlerContext) -> None:
     db = client()
     runs = db.hincrby(key(SERVICE, event.key, "runs"), pool, 1)
@@ -90,7 +124,7 @@ def _record(pool: str, event: ProbeHappened, ctx: HandlerContext) -> None:
         "causation_id": ctx.causation_id,
         "attempt": ctx.attempt,
     }
-    db.rpush(key(SERVICE, event.key, "done", pool), json.dumps(delivery))
+    ctx.transaction().rpush(key(SERVICE, event.key, "done", pool), json.dumps(delivery))
 
 
 for _pool in POOLS:
