@@ -104,8 +104,11 @@ def explode(cmd: Explode, ctx: HandlerContext) -> None:
 
 @subscribes(CommandFailed, pool="pool_a")
 def record_fault(event: CommandFailed, ctx: HandlerContext) -> None:
-    fault = {"correlation_id": ctx.correlation_id, "causation_id": ctx.causation_id,
-             **event.payload()}
+    fault = {
+        "correlation_id": ctx.correlation_id,
+        "causation_id": ctx.causation_id,
+        **event.payload(),
+    }
     ctx.transaction().rpush(key(SERVICE, "faults"), json.dumps(fault))
 
 

@@ -33,9 +33,15 @@ def bus(broker: BrokerContext) -> MessageBus:
 def letters_of(broker: BrokerContext, **match: str) -> list[DeadLetter]:
     store = reliability(broker.app).dead_letters
     found = [store.get(i) for i in store.ids()]
-    return [letter for letter in found if letter and all(
-        getattr(letter, k, None) == v or letter.headers.get(PREFIX + k) == v
-        for k, v in match.items())]
+    return [
+        letter
+        for letter in found
+        if letter
+        and all(
+            getattr(letter, k, None) == v or letter.headers.get(PREFIX + k) == v
+            for k, v in match.items()
+        )
+    ]
 
 
 def alive(bus: MessageBus) -> None:
@@ -44,8 +50,15 @@ def alive(bus: MessageBus) -> None:
 
 
 def postroom(broker: BrokerContext, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "workers.cli", *args], cwd=ROOT, env=broker.env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        cwd=ROOT,
+        env=broker.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -80,7 +93,9 @@ def test_redrive_sends_a_dead_letter_back_with_the_same_message_id(
     [letter] = letters_of(broker, message_id=pending.message_id)
     assert letter.id in postroom(broker, "dlq", "list")
     assert json.loads(postroom(broker, "dlq", "show", letter.id))["reason"] == "failed"
-    assert f"redriven {letter.id} to commands.probe" in postroom(broker, "dlq", "redrive", letter.id)
+    assert f"redriven {letter.id} to commands.probe" in postroom(
+        broker, "dlq", "redrive", letter.id
+    )
 
     def succeeded() -> bool:
         return bus.reply_for(pending.correlation_id, timeout=5).status == "succeeded"
@@ -96,8 +111,13 @@ def test_invalid_payload_is_dead_lettered_naming_the_field(
     broker: BrokerContext, bus: MessageBus
 ) -> None:
     envelope = Envelope.new("probe.Echo", 1, source="forger")
-    broker.app.send_task("probe.Echo", kwargs={"txt": "typo"}, task_id=envelope.correlation_id,
-                         headers=envelope.to_headers(), queue="commands.probe")
+    broker.app.send_task(
+        "probe.Echo",
+        kwargs={"txt": "typo"},
+        task_id=envelope.correlation_id,
+        headers=envelope.to_headers(),
+        queue="commands.probe",
+    )
     assert bus.reply_for(envelope.correlation_id, timeout=30).status == "rejected"
     [letter] = letters_of(broker, message_id=envelope.message_id)
     assert letter.reason == "invalid"
@@ -107,7 +127,9 @@ def test_invalid_payload_is_dead_lettered_naming_the_field(
 
 def _publish_raw(broker: BrokerContext, body: bytes, content_type: str, task: str) -> str:
     task_id = str(uuid.uuid4())
-    with Connection(broker.settings.broker_url, transport_options=broker.app.conf.broker_transport_options) as conn:
+    with Connection(
+        broker.settings.broker_url, transport_options=broker.app.conf.broker_transport_options
+    ) as conn:
         conn.Producer().publish(
             body, exchange="", routing_key="commands.probe", content_type=content_type,
             content_encoding="utf-8" if content_type != "application/x-python-serialize" else "binary",
@@ -141,8 +163,13 @@ def test_an_unknown_message_type_is_dead_lettered_and_its_sender_told(
     broker: BrokerContext, bus: MessageBus
 ) -> None:
     envelope = Envelope.new("probe.Nonexistent", 1, source="tests")
-    broker.app.send_task("probe.Nonexistent", kwargs={}, task_id=envelope.correlation_id,
-                         headers=envelope.to_headers(), queue="commands.probe")
+    broker.app.send_task(
+        "probe.Nonexistent",
+        kwargs={},
+        task_id=envelope.correlation_id,
+        headers=envelope.to_headers(),
+        queue="commands.probe",
+    )
     reply = bus.reply_for(envelope.correlation_id, timeout=30)
     assert reply.status == "failed"
     assert reply.error is not None

@@ -1,0 +1,60 @@
+"""Workers killed with -9 while 1,000 commands are in flight: one reply and one effect each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from config.pools import Pool
+from postroom import MessageBus
+from tests.integration.services import Count
+from tests.support import BrokerContext, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
+# Short enough that Redis gives back a dead worker's messages within the test; on RabbitMQ the
+# broker requeues them as soon as the connection drops.
+SETTINGS = {"visibility_timeout": "5", "restore_interval": "1"}
+POOL = Pool("probe", ("commands.probe",), concurrency=2)
+N = 1000
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
+def test_kill_9_of_worker_children_and_of_a_whole_worker_loses_nothing_and_doubles_nothing(
+    broker: BrokerContext,
+) -> None:
+    worker = broker.start_worker(POOL)
+    bus = MessageBus(broker.app, source="tests")
+    run = uuid.uuid4().hex
+    keys = [f"{run}-{i}" for i in range(N)]
+    pending = [bus.send(Count(key=k, pause=0.01)) for k in keys]
+    db = broker.state()
+
+    def counted() -> int:
+        return sum(1 for v in db.mget([broker.key("probe", "count", k) for k in keys]) if v)
+
+    for threshold in (100, 250):  # kill a child process mid-command, twice
+        wait_for(lambda t=threshold: counted() >= t, timeout=120)
+        os.kill(children(worker.proc.pid)[0], signal.SIGKILL)
+    wait_for(lambda: counted() >= 400, timeout=120)
+    doomed = [worker.proc.pid, *children(worker.proc.pid)]
+    for pid in doomed:  # and then the whole worker, its children with it
+        os.kill(pid, signal.SIGKILL)
+    worker.proc.wait()
+    time.sleep(1)
+    broker.start_worker(POOL)
+
+    wait_for(lambda: counted() == N, timeout=180)
+    values = db.mget([broker.key("probe", "count", k) for k in keys])
+    assert values == ["1"] * N  # exactly one effect per command
+    replies = [p.reply(timeout=60) for p in pending]
+    assert [r.status for r in replies] == ["succeeded"] * N  # exactly one reply, by correlation ID
+    assert [r.correlation_id for r in replies] == [p.correlation_id for p in pending]
