@@ -15,6 +15,7 @@ from config.settings import Settings, settings
 from postroom.handlers import RetryPolicy
 from postroom.registry import registry
 from postroom.reliability import Reliability
+from postroom.signing import Signer
 from postroom.topology import declared_queues
 
 #: modules holding the reference services' contracts and handlers; POSTROOM_IMPORTS adds more
@@ -62,6 +63,7 @@ def create_app(settings: Settings) -> Celery:
             inbox_retention=settings.inbox_retention,
             poison_after=settings.poison_after,
         ),
+        postroom_signer=Signer(settings.signing_key_list) if settings.signing_key_list else None,
         postroom_retry_policy=RetryPolicy(
             max_retries=settings.max_retries,
             backoff=settings.retry_backoff,

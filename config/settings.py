@@ -68,6 +68,11 @@ class Settings:
     flower_basic_auth: str = _setting(
         "", "`user:password`; when set, Flower refuses requests without these credentials"
     )
+    signing_keys: str = _setting(
+        "",
+        "comma-separated secrets; when set, messages are signed (HMAC-SHA256) with the first and "
+        "checked against all, and unsigned or tampered ones are dead-lettered",
+    )
     log_level: str = _setting("INFO", "log level of workers and Flower")
 
     @classmethod
@@ -99,6 +104,10 @@ class Settings:
     def extra_imports(self) -> list[str]:
         return [name.strip() for name in self.imports.split(",") if name.strip()]
 
+    @property
+    def signing_key_list(self) -> list[str]:
+        return [k.strip() for k in self.signing_keys.split(",") if k.strip()]
+
     def __repr__(self) -> str:
         shown = []
         for f in fields(self):
@@ -107,6 +116,8 @@ class Settings:
                 value = maybe_sanitize_url(value)
             elif f.name == "flower_basic_auth" and value:
                 value = value.split(":", 1)[0] + ":**"
+            elif f.name == "signing_keys" and value:
+                value = f"<{len(self.signing_key_list)} key(s)>"
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 

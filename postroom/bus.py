@@ -7,6 +7,8 @@ under that key, where ``AsyncResult.get`` waits for it on Redis pub/sub.
 
 from __future__ import annotations
 
+from typing import Any
+
 import celery
 from celery import current_app
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -16,6 +18,7 @@ from kombu import Queue
 from postroom.errors import ReplyTimeout, Unsuccessful, WrongMessageKind
 from postroom.headers import Envelope, uuid7
 from postroom.messages import Command, ErrorInfo, Event, Query, Reply
+from postroom.signing import SIGNATURE, signer
 from postroom.topology import EVENTS_EXCHANGE, command_queue, command_queue_name
 
 
@@ -88,17 +91,25 @@ class MessageBus:
             correlation_id=correlation_id,
             causation_id=causation_id,
         )
+        payload = command.payload()
         self.app.send_task(
             contract.__message_type__,
-            kwargs=command.payload(),
+            kwargs=payload,
             task_id=envelope.correlation_id,
-            headers=envelope.to_headers(),
+            headers=self._headers(envelope, payload),
             queue=command_queue(contract.__service__),
             root_id=envelope.correlation_id,
             parent_id=causation_id,
             argsrepr=envelope.summary(),
         )
         return PendingReply(self.app, envelope, command_queue_name(contract.__service__))
+
+    def _headers(self, envelope: Envelope, payload: dict[str, Any]) -> dict[str, Any]:
+        headers = envelope.to_headers()
+        sign = signer(self.app)
+        if sign is not None:
+            headers[SIGNATURE] = sign.sign(envelope.message_type, payload, headers)
+        return headers
 
     def ask(self, query: Query, *, timeout: float | None = 30.0) -> Reply:
         """Send a query and wait for its reply."""
@@ -141,17 +152,18 @@ class MessageBus:
             message_id=message_id,
         )
         app = self.app
+        payload = event.payload()
         message = app.amqp.create_task_message(
             envelope.message_id,
             message_type,
             (),
-            event.payload(),
+            payload,
             root_id=envelope.correlation_id,
             parent_id=causation_id,
             ignore_result=True,
             argsrepr=envelope.summary(),
         )
-        headers = envelope.to_headers()
+        headers = self._headers(envelope, payload)
         with app.producer_or_acquire() as producer:
             if producer.connection.transport.driver_type == "redis":
                 # One copy per bound pool queue, addressed to that queue alone (see topology).

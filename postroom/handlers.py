@@ -33,6 +33,7 @@ from postroom.headers import Envelope, uuid7
 from postroom.messages import Command, CommandFailed, ErrorInfo, Event, Message, Query, Reply
 from postroom.registry import Handler, registry
 from postroom.reliability import DeadLetter, Reliability, derived_id, reliability
+from postroom.signing import signer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -145,6 +146,9 @@ class MessageTask(celery.Task):  # type: ignore[misc]
             )
         if args:
             raise InvalidMessage("a postroom message carries its fields as keyword arguments only")
+        sign = signer(self.app)
+        if sign is not None:
+            sign.verify(envelope.message_type, payload, self.request.headers or {})
         try:
             return envelope, contract.model_validate(payload)
         except ValidationError as exc:

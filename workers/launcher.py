@@ -44,7 +44,7 @@ def node_name(pool: Pool) -> str:
 
 def flower_argv(settings: Settings) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "config", "flower",
+        sys.executable, "-m", "workers.flower",
         f"--port={settings.flower_port}", f"--address={settings.flower_address}",
         f"--logging={settings.log_level.lower()}",
     ]  # fmt: skip

@@ -162,12 +162,19 @@ def test_a_command_from_a_plain_shell_gets_its_reply_by_correlation_id_and_fans_
         assert task["state"] == "SUCCESS"
 
 
-def test_flower_refuses_requests_without_credentials(up: Up) -> None:
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        up.flower("/api/tasks", auth=None)
-    assert refused.value.code == 401
-    with pytest.raises(urllib.error.HTTPError):
-        up.flower("/api/tasks", auth="watcher:wrong")
+@pytest.mark.parametrize("path", ["/api/tasks", "/api/workers", "/tasks", "/metrics"])
+def test_flower_refuses_requests_without_credentials(up: Up, path: str) -> None:
+    for auth in (None, "watcher:wrong"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            up.flower(path, auth=auth)
+        assert refused.value.code == 401, (path, auth)
+
+
+def test_flower_metrics_answer_with_credentials(up: Up) -> None:
+    request = urllib.request.Request(f"http://127.0.0.1:{up.port}/metrics")
+    request.add_header("Authorization", "Basic " + base64.b64encode(AUTH.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert b"flower_events_total" in response.read()
 
 
 def test_sigterm_stops_every_pool_and_flower(up: Up, broker: BrokerContext) -> None:
