@@ -1,0 +1,1 @@
+"""Load and speed: the soak run, and (later) benchmarks against bare Celery."""
