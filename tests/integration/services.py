@@ -6,9 +6,12 @@ in the test's own Redis namespace, so a test can count what actually happened.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import signal
 import time
+from typing import Literal
 
 from postroom import Command, Event, HandlerContext, Rejected, TransientError, handles, subscribes
 from postroom.messages import CommandFailed
@@ -50,6 +53,7 @@ class Explode(Command, service=SERVICE):
     """Kills the worker process running it, every time: a poison message."""
 
     key: str
+    how: Literal["exit", "segfault", "sigkill"] = "exit"
 
 
 class ProbeHappened(Event, service=SERVICE):
@@ -99,6 +103,10 @@ def count(cmd: Count, ctx: HandlerContext) -> dict[str, str]:
 @handles(Explode)
 def explode(cmd: Explode, ctx: HandlerContext) -> None:
     client().incr(key(SERVICE, "exploded", cmd.key))
+    if cmd.how == "segfault":
+        ctypes.string_at(0)
+    elif cmd.how == "sigkill":  # as the kernel's OOM killer ends a process that blew its memory
+        os.kill(os.getpid(), signal.SIGKILL)
     os._exit(1)
 
 

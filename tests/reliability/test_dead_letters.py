@@ -179,11 +179,12 @@ def test_an_unknown_message_type_is_dead_lettered_and_its_sender_told(
     alive(bus)
 
 
+@pytest.mark.parametrize("how", ["exit", "segfault", "sigkill"])
 def test_a_poison_message_that_kills_its_worker_is_dead_lettered_after_a_bounded_number_of_runs(
-    broker: BrokerContext, bus: MessageBus
+    broker: BrokerContext, bus: MessageBus, how: str
 ) -> None:
     key = uuid.uuid4().hex
-    pending = bus.send(Explode(key=key))
+    pending = bus.send(Explode(key=key, how=how))
     wait_for(lambda: letters_of(broker, message_id=pending.message_id), timeout=90)
     [letter] = letters_of(broker, message_id=pending.message_id)
     assert letter.reason == "poison"
