@@ -218,16 +218,17 @@ class HandlerTask(MessageTask):
         except InvalidMessage as exc:
             self.dead_letter("invalid", exc, queue=queue, owner=owner, payload=payload)
             raise RejectedReply(self._reply("rejected", None, error=_error(exc))) from exc
-        is_command = isinstance(message, Command)  # queries change nothing: no inbox needed
+        is_command = isinstance(message, Command)  # queries change nothing: no inbox mark
+        inbox = self.reliable.inbox
         if is_command:
-            done = self.reliable.inbox.handled(owner, envelope.message_id)
+            done = inbox.handled(owner, envelope.message_id)
             if done is not None:  # a redelivery or a duplicate: the reply it already got
                 if done["status"] == "rejected":
                     raise RejectedReply(done)
                 return done
-            runs = self.poisonous(owner, envelope.message_id)
-            if runs is not None:
-                self._give_up(envelope, payload, "poison", PoisonMessage(runs), queue)
+        runs = self.poisonous(owner, envelope.message_id)
+        if runs is not None:
+            self._give_up(envelope, payload, "poison", PoisonMessage(runs), queue)
         ctx = self.context(envelope, owner)
         try:
             value = to_jsonable_python(self.handler.fn(message, ctx))
@@ -235,22 +236,26 @@ class HandlerTask(MessageTask):
             reply = self._reply(
                 "rejected", envelope, error=ErrorInfo(type="Rejected", message=exc.reason)
             )
-            if is_command:
-                ctx.commit(reply)
+            self._settle(ctx, reply, is_command)
             raise RejectedReply(reply) from exc
         except PydanticSerializationError as exc:
-            self.reliable.inbox.ended(owner, envelope.message_id)
             error = InvalidReply(f"the handler's return value is not JSON-serialisable: {exc}")
             self._give_up(envelope, payload, "failed", error, queue)
         except Exception as exc:
-            self.reliable.inbox.ended(owner, envelope.message_id)
             if self.should_retry(exc):
+                inbox.ended(owner, envelope.message_id)
                 raise self.retry_later(exc) from exc
             self._give_up(envelope, payload, "failed", exc, queue)
         reply = self._reply("succeeded", envelope, value=value)
+        self._settle(ctx, reply, is_command)
+        return reply
+
+    def _settle(self, ctx: HandlerContext, reply: dict[str, Any], is_command: bool) -> None:
+        """A final reply: a command's is recorded with its writes; a query's run just ends."""
         if is_command:
             ctx.commit(reply)
-        return reply
+        else:
+            self.reliable.inbox.ended(ctx.owner, ctx.message_id)
 
     def _give_up(
         self,
