@@ -46,3 +46,34 @@ def _record(pool: str, ctx: HandlerContext) -> None:
 
 for _pool in EVENT_POOLS:
     subscribes(SoakHappened, pool=_pool)(lambda event, ctx, _pool=_pool: _record(_pool, ctx))
+
+
+class BenchNoop(Command, service="bench"):
+    """The benchmark's unit of work: a no-op that counts itself (idempotency on, like any command)."""
+
+    n: int
+
+
+class BenchHappened(Event, service="bench"):
+    n: int
+
+
+BENCH_POOLS = tuple(f"bench_{i}" for i in range(1, 7))
+
+
+def done_counter(system: str) -> tuple[str, ...]:
+    """The counter every system's no-op handler increments, so the end of a drain can be seen."""
+    return ("bench", system, "done")
+
+
+@handles(BenchNoop)
+def bench_noop(cmd: BenchNoop, ctx: HandlerContext) -> None:
+    ctx.transaction().incr(key(*done_counter("postroom")))
+
+
+def _count_delivery(ctx: HandlerContext) -> None:
+    ctx.transaction().incr(key(*done_counter("fanout")))
+
+
+for _pool in BENCH_POOLS:
+    subscribes(BenchHappened, pool=_pool)(lambda event, ctx: _count_delivery(ctx))

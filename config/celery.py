@@ -22,7 +22,7 @@ from postroom.topology import declared_queues
 SERVICE_MODULES = ["tasks.assets", "tasks.search", "tasks.analytics", "tasks.notifications"]
 
 
-def _broker_transport_options(settings: Settings) -> dict[str, object]:
+def broker_transport_options(settings: Settings) -> dict[str, object]:
     if settings.broker_is_redis:
         return {
             "visibility_timeout": settings.visibility_timeout,
@@ -53,7 +53,7 @@ def create_app(settings: Settings) -> Celery:
         result_extended=True,
         result_expires=settings.reply_ttl,
         task_queues=declared_queues(registry.services(), registry.pools()),
-        broker_transport_options=_broker_transport_options(settings),
+        broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_consumer="postroom.reliability:DeadLetteringConsumer",

@@ -7,6 +7,7 @@ under that key, where ``AsyncResult.get`` waits for it on Redis pub/sub.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import celery
@@ -76,6 +77,44 @@ class MessageBus:
         The correlation ID is the reply's key, so it must be new for each command. Reusing one on
         purpose (a client retrying the same request) returns the reply already stored for it.
         """
+        pending, payload, headers = self._prepare(command, correlation_id, causation_id)
+        self.app.send_task(
+            pending.envelope.message_type,
+            kwargs=payload,
+            task_id=pending.correlation_id,
+            headers=headers,
+            queue=command_queue(type(command).__service__),
+            root_id=pending.correlation_id,
+            parent_id=causation_id,
+            argsrepr=pending.envelope.summary(),
+        )
+        return pending
+
+    def send_many(self, commands: Sequence[Command | Query]) -> list[PendingReply]:
+        """Enqueue many commands at once: one producer, and on Redis pipelined (kombu batches).
+
+        Each command is the same message ``send`` would make, with its own correlation ID.
+        """
+        prepared = [self._prepare(command, None, None) for command in commands]
+        app = self.app
+        with app.producer_or_acquire() as producer, producer.batch():
+            for command, (pending, payload, headers) in zip(commands, prepared, strict=True):
+                name = pending.envelope.message_type
+                app.amqp.send_task_message(
+                    producer,
+                    name,
+                    app.amqp.create_task_message(
+                        pending.correlation_id, name, (), payload,
+                        root_id=pending.correlation_id, argsrepr=pending.envelope.summary(),
+                    ),
+                    queue=command_queue(type(command).__service__),
+                    headers=headers,
+                )  # fmt: skip
+        return [pending for pending, _, _ in prepared]
+
+    def _prepare(
+        self, command: Command | Query, correlation_id: str | None, causation_id: str | None
+    ) -> tuple[PendingReply, dict[str, Any], dict[str, Any]]:
         if not isinstance(command, Command | Query):
             hint = (
                 "events are broadcast: use bus.publish(event)"
@@ -92,17 +131,8 @@ class MessageBus:
             causation_id=causation_id,
         )
         payload = command.payload()
-        self.app.send_task(
-            contract.__message_type__,
-            kwargs=payload,
-            task_id=envelope.correlation_id,
-            headers=self._headers(envelope, payload),
-            queue=command_queue(contract.__service__),
-            root_id=envelope.correlation_id,
-            parent_id=causation_id,
-            argsrepr=envelope.summary(),
-        )
-        return PendingReply(self.app, envelope, command_queue_name(contract.__service__))
+        pending = PendingReply(self.app, envelope, command_queue_name(contract.__service__))
+        return pending, payload, self._headers(envelope, payload)
 
     def _headers(self, envelope: Envelope, payload: dict[str, Any]) -> dict[str, Any]:
         headers = envelope.to_headers()
@@ -164,7 +194,7 @@ class MessageBus:
             argsrepr=envelope.summary(),
         )
         headers = self._headers(envelope, payload)
-        with app.producer_or_acquire() as producer:
+        with app.producer_or_acquire() as producer, producer.batch():
             if producer.connection.transport.driver_type == "redis":
                 # One copy per bound pool queue, addressed to that queue alone (see topology).
                 for row in producer.channel.get_table(EVENTS_EXCHANGE.name):

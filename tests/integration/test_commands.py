@@ -164,3 +164,11 @@ def test_message_without_envelope_is_refused_saying_which_headers_are_missing(
     assert reply.status == "rejected"
     assert reply.error is not None
     assert "postroom.message_id" in reply.error.message
+
+
+def test_send_many_enqueues_every_command_with_its_own_correlation_id(bus: MessageBus) -> None:
+    pending = bus.send_many([Echo(text=f"bulk {i}") for i in range(50)])
+    assert len({p.correlation_id for p in pending}) == 50
+    replies = [p.reply(timeout=30) for p in pending]
+    assert [r.value["text"] for r in replies] == [f"bulk {i}" for i in range(50)]
+    assert all(r.correlation_id == p.correlation_id for r, p in zip(replies, pending, strict=True))
