@@ -71,7 +71,15 @@ def wait_until_ready(app: Celery, pools: Iterable[Pool], timeout: float = 60.0) 
             raise TimeoutError(
                 f"worker(s) {', '.join(sorted(waiting))} did not start in {timeout}s"
             )
-        for answer in app.control.ping(destination=sorted(waiting), timeout=1.0) or []:
+        try:
+            answers = app.control.ping(destination=sorted(waiting), timeout=1.0) or []
+        except (OSError, *app.connection_for_write().connection_errors):
+            # The broker went away since the pool's connections were made (a restart): drop
+            # them and ask again, as a sender does.
+            app.pool.force_close_all()
+            time.sleep(0.5)
+            continue
+        for answer in answers:
             waiting -= set(answer)
 
 

@@ -1,0 +1,268 @@
+"""One benchmark run, inside a prepared environment (``python -m bench`` starts it; see there).
+
+Every system does the same work on the same broker: enqueue N no-ops one call each, N more in bulk,
+then a pool of 2 worker processes drains the 2N (each no-op increments one Redis counter, so the end
+is visible), then sequential round trips. Systems alternate within each round (A B C A B C ...), so
+machine drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench import peers
+from bench.services import BENCH_POOLS, BenchHappened, BenchNoop, done_counter
+from config import app, settings
+from config.pools import Pool
+from postroom import MessageBus
+from workers.launcher import wait_until_ready, worker_argv
+
+
+@dataclass(frozen=True)
+class Size:
+    n: int  # enqueued one by one, then as many in bulk; the drain takes both
+    roundtrips: int
+    events: int  # per fan-out measurement
+    growth: tuple[int, int]  # backlogs drained by postroom, small and large
+
+
+SIZES = {
+    "tiny": Size(200, 50, 100, (200, 400)),
+    "small": Size(5_000, 2_000, 2_000, (10_000, 40_000)),
+    "full": Size(10_000, 2_000, 5_000, (10_000, 200_000)),
+}
+state = redis.Redis.from_url(settings.state, decode_responses=True)
+
+
+def counter(system: str) -> int:
+    return int(state.get(":".join((settings.namespace, *done_counter(system)))) or 0)
+
+
+class Watch(threading.Thread):
+    """Polls a system's counter from before its workers start: when the first and the n-th
+    increment happened, so worker start-up time is not counted in a drain."""
+
+    def __init__(self, system: str, target: int, timeout: float = 3600) -> None:
+        super().__init__(daemon=True)
+        self.system, self.baseline, self.target = system, counter(system), target
+        self.first: float | None = None
+        self.last: float | None = None
+        self.deadline = time.monotonic() + timeout
+        self.start()
+
+    def run(self) -> None:
+        while time.monotonic() < self.deadline:
+            done = counter(self.system) - self.baseline
+            now = time.monotonic()
+            if done > 0 and self.first is None:
+                self.first = now
+            if done >= self.target:
+                self.last = now
+                return
+            time.sleep(0.005)
+
+    def seconds(self) -> float:
+        """From the first to the n-th increment; TimeoutError if the n-th never came."""
+        self.join()
+        if self.first is None or self.last is None:
+            done = counter(self.system) - self.baseline
+            raise TimeoutError(f"{self.system}: {done}/{self.target} done before the deadline")
+        return max(self.last - self.first, 1e-9)
+
+
+class Workers:
+    def __init__(self, argv: list[str], ready: Callable[[], None] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        if ready:
+            ready()
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def postroom_pool(name: str, queue: str, concurrency: int) -> Workers:
+    pool = Pool(name, (queue,), concurrency)
+    argv = [*worker_argv(pool, settings), "-l", "WARNING"]
+    return Workers(argv, lambda: wait_until_ready(app, [pool]))
+
+
+def celery_pool() -> Workers:
+    argv = [sys.executable, "-m", "celery", "-A", "bench.peers:celery_app", "worker",
+            "-Q", "bench.bare", "-c", "2", "-P", "prefork", "-n", "bare@%h",
+            "--prefetch-multiplier", "1", "-E", "-l", "WARNING", "--without-gossip",
+            "--without-mingle"]  # fmt: skip
+    return Workers(argv)
+
+
+def dramatiq_pool() -> Workers:
+    argv = [sys.executable, "-m", "dramatiq", "bench.peers", "--processes", "2", "--threads", "1",
+            "--queues", "bench_dramatiq"]  # fmt: skip
+    return Workers(argv)
+
+
+@dataclass
+class System:
+    name: str
+    send_one: Callable[[int], Any]
+    send_bulk: Callable[[int], Any]
+    pool: Callable[[], Workers]
+    roundtrip: Callable[[], Any] | None
+
+
+def systems() -> list[System]:
+    bus = MessageBus(app, source="bench")
+
+    def celery_bulk(n: int) -> None:
+        with peers.celery_app.producer_or_acquire() as producer:
+            for i in range(n):
+                peers.bare_noop.apply_async((i,), producer=producer)
+
+    return [
+        System(
+            "postroom",
+            lambda i: bus.send(BenchNoop(n=i)),
+            lambda n: bus.send_many([BenchNoop(n=i) for i in range(n)]),
+            lambda: postroom_pool("bench", "commands.bench", 2),
+            lambda: bus.send(BenchNoop(n=0)).reply(timeout=60),
+        ),
+        System(
+            "celery",
+            lambda i: peers.bare_noop.apply_async((i,)),
+            celery_bulk,
+            celery_pool,
+            lambda: peers.bare_noop.apply_async((0,)).get(timeout=60),
+        ),
+        System(
+            "dramatiq",
+            peers.dramatiq_noop.send,
+            lambda n: [peers.dramatiq_noop.send(i) for i in range(n)],
+            dramatiq_pool,
+            None,
+        ),
+    ]
+
+
+def broker_memory() -> int:
+    """Bytes the broker holds now: Redis used_memory, or RabbitMQ's memory for this vhost's queues."""
+    if settings.broker_is_redis:
+        with redis.Redis.from_url(settings.broker_url) as client:
+            return int(client.info("memory")["used_memory"])
+    vhost = settings.broker_url.rsplit("/", 1)[-1] or "/"
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "-p", vhost, "memory"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(int(x) for x in out.split() if x.isdigit())
+
+
+def measure_round(system: System, n: int, roundtrips: int, results: dict[str, list[float]]) -> None:
+    def record(metric: str, value: float) -> None:
+        results.setdefault(f"{metric}|{system.name}", []).append(value)
+
+    memory_before = broker_memory()
+    started = time.perf_counter()
+    for i in range(n):
+        system.send_one(i)
+    record("enqueue_per_s", n / (time.perf_counter() - started))
+    started = time.perf_counter()
+    system.send_bulk(n)
+    record("bulk_enqueue_per_s", n / (time.perf_counter() - started))
+    record("broker_bytes_per_message", (broker_memory() - memory_before) / (2 * n))
+    watch = Watch(system.name, 2 * n)
+    workers = system.pool()
+    try:
+        record("drain_per_s", (2 * n - 1) / watch.seconds())
+        if system.roundtrip is not None:
+            latencies = []
+            for _ in range(roundtrips):
+                started = time.perf_counter()
+                system.roundtrip()
+                latencies.append((time.perf_counter() - started) * 1000)
+            latencies.sort()
+            record("roundtrip_p50_ms", latencies[len(latencies) // 2])
+            record(
+                "roundtrip_p99_ms", latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+            )
+    finally:
+        workers.stop()
+
+
+def measure_fanout(events: int, results: dict[str, list[float]]) -> None:
+    """Deliveries per second to 1, 3 and 6 pools, and what one publish costs the publisher."""
+    bus = MessageBus(app, source="bench")
+    pools: list[Workers] = []
+    try:
+        for k in (1, 3, 6):
+            pools += [postroom_pool(p, f"events.{p}", 1) for p in BENCH_POOLS[len(pools) : k]]
+            watch = Watch("fanout", k * events)
+            started = time.monotonic()
+            for i in range(events):
+                bus.publish(BenchHappened(n=i))
+            publish_seconds = time.monotonic() - started
+            watch.seconds()
+            assert watch.last is not None
+            delivered = k * events / (watch.last - started)
+            results.setdefault(f"fanout_deliveries_per_s|{k} pools", []).append(delivered)
+            results.setdefault(f"publish_us_per_event|{k} pools", []).append(
+                publish_seconds / events * 1e6
+            )
+    finally:
+        for workers in pools:
+            workers.stop()
+
+
+def measure_growth(sizes: tuple[int, int], results: dict[str, list[float]]) -> None:
+    """Drain rate with a small and a large backlog, postroom only."""
+    bus = MessageBus(app, source="bench")
+    for size in sizes:
+        for start in range(0, size, 5000):
+            bus.send_many([BenchNoop(n=i) for i in range(start, min(size, start + 5000))])
+        watch = Watch("postroom", size)
+        workers = postroom_pool("bench", "commands.bench", 2)
+        try:
+            seconds = watch.seconds()
+        finally:
+            workers.stop()
+        results.setdefault(f"drain_per_s_with_backlog|{size}", []).append((size - 1) / seconds)
+
+
+def main() -> None:
+    size, rounds, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    chosen = SIZES[size]
+    results: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for system in systems():  # A B C, A B C, ...
+            measure_round(system, chosen.n, chosen.roundtrips, results)
+    measure_fanout(chosen.events, results)
+    measure_growth(chosen.growth, results)
+    summary = {
+        key: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": len(v)}
+        for key, v in results.items()
+    }
+    out.write_text(json.dumps({"size": size, "rounds": rounds, "results": summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

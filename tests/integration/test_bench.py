@@ -1,0 +1,30 @@
+"""The benchmark suite runs end to end on a tiny size (its numbers are not checked: no timing here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_the_benchmark_measures_every_system_on_both_brokers(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--rounds", "1",
+                    "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=880,
+                   capture_output=True)  # fmt: skip
+    for broker in ("redis", "rabbitmq"):
+        results = json.loads((tmp_path / f"{broker}.json").read_text())
+        for system in ("postroom", "celery", "dramatiq"):
+            assert results[f"drain_per_s|{system}"]["median"] > 0, (broker, system)
+            assert results[f"enqueue_per_s|{system}"]["median"] > 0, (broker, system)
+        assert results["roundtrip_p50_ms|postroom"]["median"] > 0
+        assert results["fanout_deliveries_per_s|6 pools"]["median"] > 0
+    table = (tmp_path / "results.md").read_text()
+    assert "| drain_per_s |" in table
+    assert "#### rabbitmq" in table
