@@ -356,7 +356,7 @@ def register_task(
 ) -> None:
     """Register a Celery task (for every app, like shared_task) whose body is ``base.handle``."""
 
-    def run(task: Any, *args: Any, **payload: Any) -> Any:
+    def run(task: Any, /, *args: Any, **payload: Any) -> Any:
         return task.handle(args, payload)
 
     run.__module__, run.__doc__ = module, doc

@@ -222,6 +222,32 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
                 "could not dead-letter a %s message; Celery's log has its body", reason
             )
 
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's handler, behind a check that the message is a well-formed protocol-2 task.
+
+        Celery assumes the shape of what it receives: a body that is not ``[args, kwargs, embed]``
+        or a header of the wrong type raises inside its consumer, which stops the worker, or
+        inside the pool, where no dead letter is written. Such a message is dead-lettered here.
+        """
+        on_task_received = super().create_task_handler(*args, **kwargs)
+
+        def guarded(message: Any) -> Any:
+            error: BaseException
+            try:
+                check_shape(message, self.app.conf.accept_content)
+                return on_task_received(message)
+            except MalformedMessage as exc:
+                reason, error = exc.reason, exc
+            except self.connection_errors:
+                raise  # the broker's trouble, not the message's: Celery reconnects
+            except Exception as exc:  # the last line: whatever Celery chokes on, never stop
+                reason, error = "invalid", exc
+            self._dead_letter_raw(message, reason, error)
+            message.reject_log_error(logger, self.connection_errors)
+            return None
+
+        return guarded
+
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         self._dead_letter_raw(message, "undecodable", exc)
         super().on_decode_error(message, exc)
@@ -239,6 +265,70 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         reason = "undecodable" if isinstance(exc, ContentDisallowed) else "invalid"
         self._dead_letter_raw(message, reason, exc)
         super().on_invalid_task(body, message, exc)
+
+
+class MalformedMessage(ValueError):
+    """A message Celery would choke on: not a well-formed protocol-2 task."""
+
+    def __init__(self, reason: str, problem: str) -> None:
+        super().__init__(problem)
+        self.reason = reason
+
+
+_EMBED_LISTS = ("callbacks", "errbacks", "chain")
+
+
+def check_shape(message: Any, accept: Any) -> None:
+    """MalformedMessage unless the message is a task Celery can take (decode errors are its own)."""
+    headers = message.headers
+    if not isinstance(headers, dict) or "task" not in headers:
+        return  # Celery's own on_unknown_message / protocol-1 path
+    _check_headers(headers)
+    if message.content_type not in {"application/json", *(accept or ())}:
+        raise MalformedMessage("undecodable", f"content type {message.content_type!r} is refused")
+    try:
+        body = message.decode()
+    except Exception:
+        return  # Celery dead-letters it as undecodable (on_decode_error)
+    if isinstance(body, dict) and ("args" in body or "kwargs" in body):
+        return  # a hybrid protocol-1 body: Celery checks it
+    _check_body(body)
+
+
+def _check_headers(headers: dict[str, Any]) -> None:
+    if not isinstance(headers["task"], str):
+        raise MalformedMessage("unknown", f"the task header is not a string: {headers['task']!r}")
+    if not isinstance(headers.get("id"), str) or not headers["id"]:
+        raise MalformedMessage("invalid", f"the id header is not a string: {headers.get('id')!r}")
+    retries = headers.get("retries", 0)
+    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)):
+        raise MalformedMessage("invalid", f"the retries header is not an integer: {retries!r}")
+    limit = headers.get("timelimit")
+    if limit is not None and not (
+        isinstance(limit, list | tuple)
+        and len(limit) == 2
+        and all(v is None or isinstance(v, int | float) for v in limit)
+    ):
+        raise MalformedMessage("invalid", f"the timelimit header is not [soft, hard]: {limit!r}")
+
+
+def _check_body(body: Any) -> None:
+    if not (isinstance(body, list | tuple) and len(body) == 3):
+        raise MalformedMessage("invalid", "the body is not [args, kwargs, embed]")
+    args, kwargs, embed = body
+    if not isinstance(args, list | tuple):
+        raise MalformedMessage("invalid", f"args is not a list: {type(args).__name__}")
+    if not isinstance(kwargs, dict):
+        raise MalformedMessage("invalid", f"kwargs is not a mapping: {type(kwargs).__name__}")
+    if embed is None:
+        return
+    if not isinstance(embed, dict):
+        raise MalformedMessage("invalid", f"embed is not a mapping: {type(embed).__name__}")
+    for key in _EMBED_LISTS:
+        if embed.get(key) is not None and not isinstance(embed[key], list):
+            raise MalformedMessage("invalid", f"embed {key} is not a list")
+    if embed.get("chord") is not None and not isinstance(embed["chord"], dict):
+        raise MalformedMessage("invalid", "embed chord is not a mapping")
 
 
 def redrive(app: Any, letter: DeadLetter) -> None:
