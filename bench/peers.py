@@ -14,7 +14,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 
 from bench.services import done_counter
-from config.celery import broker_transport_options
+from config.celery import delivery_settings
 from config.settings import settings
 
 _state = redis.Redis.from_url(settings.state)
@@ -25,19 +25,7 @@ def _count(system: str) -> None:
 
 
 celery_app = Celery("bare", broker=settings.broker_url, backend=settings.result_backend)
-celery_app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    result_accept_content=["json"],
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=1,
-    task_default_queue="bench.bare",
-    broker_transport_options=broker_transport_options(settings),
-    broker_connection_retry_on_startup=True,
-    result_expires=settings.reply_ttl,
-)
+celery_app.conf.update(delivery_settings(settings), task_default_queue="bench.bare")
 
 
 @celery_app.task(name="bench.bare_noop")

@@ -76,7 +76,8 @@ class BrokerContext:
     def key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
 
-    def start_worker(self, pool: Pool, *, ready_timeout: float = 60.0) -> WorkerProcess:
+    def spawn_worker(self, pool: Pool) -> WorkerProcess:
+        """Start a worker process for ``pool`` without waiting for it; it is stopped on close()."""
         log = self.workdir / f"{pool.name}-{len(self.workers)}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -85,6 +86,10 @@ class BrokerContext:
             )  # fmt: skip
         worker = WorkerProcess(pool, proc, log)
         self.workers.append(worker)
+        return worker
+
+    def start_worker(self, pool: Pool, *, ready_timeout: float = 60.0) -> WorkerProcess:
+        worker = self.spawn_worker(pool)
         try:
             wait_until_ready(self.app, [pool], timeout=ready_timeout)
         except TimeoutError:

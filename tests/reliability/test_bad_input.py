@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
 import threading
 import time
 import uuid
@@ -36,8 +35,8 @@ from postroom.headers import PREFIX, Envelope
 from postroom.messages import Reply
 from postroom.reliability import DeadLetter, reliability
 from tests.integration.services import Echo
-from tests.support import ROOT, BrokerContext, WorkerProcess, wait_for
-from workers.launcher import node_name, wait_until_ready, worker_argv
+from tests.support import BrokerContext, WorkerProcess, wait_for
+from workers.launcher import node_name, wait_until_ready
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
 
@@ -601,17 +600,7 @@ class Outcome:
 
 def _start_workers(broker: BrokerContext, pools: list[Pool]) -> list[WorkerProcess]:
     """Start several workers at once (one at a time would take most of the module's budget)."""
-    started = []
-    for pool in pools:
-        log = broker.workdir / f"{pool.name}-{len(broker.workers)}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                worker_argv(pool, broker.settings), cwd=ROOT, env=broker.env,
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        worker = WorkerProcess(pool, proc, log)
-        broker.workers.append(worker)  # stopped by the broker fixture in any case
-        started.append(worker)
+    started = [broker.spawn_worker(pool) for pool in pools]
     wait_until_ready(broker.app, pools, timeout=120)
     return started
 
