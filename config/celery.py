@@ -58,7 +58,6 @@ def create_app(settings: Settings) -> Celery:
     app = Celery("postroom", broker=settings.broker_url, backend=settings.result_backend)
     app.conf.update(
         delivery_settings(settings),
-        task_track_started=True,
         task_send_sent_event=True,
         worker_send_task_events=True,
         result_extended=True,

@@ -159,10 +159,10 @@ class MessageTask(celery.Task):  # type: ignore[misc]
             envelope, self.request.retries + 1, owner, MessageBus(self.app), self.reliable
         )
 
-    def poisonous(self, owner: str, message_id: str) -> int | None:
-        """Count this run; the number of runs so far if they exceed the limit (each killed its worker)."""
-        runs = self.reliable.inbox.started(owner, message_id)
-        return runs if runs > self.reliable.poison_after else None
+    def begin(self, owner: str, message_id: str, *, dedupe: bool) -> tuple[Any, int | None]:
+        """(what was recorded if already handled, the run count if it marks a poison message)."""
+        done, runs = self.reliable.inbox.begin(owner, message_id, dedupe=dedupe)
+        return done, (runs if done is None and runs > self.reliable.poison_after else None)
 
     def should_retry(self, exc: BaseException) -> bool:
         policy = retry_policy(self.app)
@@ -220,15 +220,13 @@ class HandlerTask(MessageTask):
             raise RejectedReply(self._reply("rejected", None, error=_error(exc))) from exc
         is_command = isinstance(message, Command)  # queries change nothing: no inbox mark
         inbox = self.reliable.inbox
-        if is_command:
-            done = inbox.handled(owner, envelope.message_id)
-            if done is not None:  # a redelivery or a duplicate: the reply it already got
-                if done["status"] == "rejected":
-                    raise RejectedReply(done)
-                return done
-        runs = self.poisonous(owner, envelope.message_id)
-        if runs is not None:
-            self._give_up(envelope, payload, "poison", PoisonMessage(runs), queue)
+        done, poison_runs = self.begin(owner, envelope.message_id, dedupe=is_command)
+        if done is not None:  # a redelivery or a duplicate: the reply it already got
+            if done["status"] == "rejected":
+                raise RejectedReply(done)
+            return dict(done)
+        if poison_runs is not None:
+            self._give_up(envelope, payload, "poison", PoisonMessage(poison_runs), queue)
         ctx = self.context(envelope, owner)
         try:
             value = to_jsonable_python(self.handler.fn(message, ctx))

@@ -74,6 +74,17 @@ def reliability(app: Any) -> Reliability:
     return configured
 
 
+_BEGIN = """
+if KEYS[1] ~= '' then
+  local done = redis.call('GET', KEYS[1])
+  if done then return {done, 0} end
+end
+local runs = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return {false, runs}
+"""
+
+
 class Inbox:
     """Which message IDs an owner has handled, with the reply a command got."""
 
@@ -84,10 +95,20 @@ class Inbox:
     def _key(self, kind: str, owner: str, message_id: str) -> str:
         return f"{self.config.namespace}:inbox:{kind}:{owner}:{message_id}"
 
-    def handled(self, owner: str, message_id: str) -> dict[str, Any] | None:
-        """What was recorded when this message was handled, or None if it was not."""
-        raw = self.client.get(self._key("done", owner, message_id))
-        return None if raw is None else dict(json.loads(raw))
+    def begin(
+        self, owner: str, message_id: str, *, dedupe: bool = True
+    ) -> tuple[dict[str, Any] | None, int]:
+        """One round trip before a run: what was recorded if the message was handled already
+        (only when ``dedupe``), else the number of runs begun so far, this one included.
+
+        Runs are counted so that runs that never end (each killed its worker) can be told apart.
+        """
+        done_key = self._key("done", owner, message_id) if dedupe else ""
+        raw, runs = self._begin(
+            keys=[done_key, self._key("runs", owner, message_id)],
+            args=[self.config.inbox_retention],
+        )
+        return (None if raw is None else dict(json.loads(raw))), int(runs)
 
     def mark(self, pipe: Any, owner: str, message_id: str, outcome: dict[str, Any]) -> None:
         """Queue the mark on ``pipe``, which the caller executes (with the handler's writes)."""
@@ -98,14 +119,9 @@ class Inbox:
         )
         pipe.delete(self._key("runs", owner, message_id))
 
-    def started(self, owner: str, message_id: str) -> int:
-        """Count one more run that has begun: runs that never end are a worker that died."""
-        key = self._key("runs", owner, message_id)
-        with self.client.pipeline() as pipe:
-            pipe.incr(key)
-            pipe.expire(key, self.config.inbox_retention)
-            runs, _ = pipe.execute()
-        return int(runs)
+    @cached_property
+    def _begin(self) -> Any:
+        return self.client.register_script(_BEGIN)
 
     def ended(self, owner: str, message_id: str) -> None:
         """The run came to an outcome (or a retry): it was not the message killing its worker."""

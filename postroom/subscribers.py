@@ -82,11 +82,11 @@ class EventTask(MessageTask):
             self.dead_letter("invalid", exc, queue=queue, owner=pool, payload=payload)
             raise
         inbox = self.reliable.inbox
-        if inbox.handled(pool, envelope.message_id) is not None:
+        done, poison_runs = self.begin(pool, envelope.message_id, dedupe=True)
+        if done is not None:
             return  # this pool already handled this event: a redelivery or a duplicate
-        runs = self.poisonous(pool, envelope.message_id)
-        if runs is not None:
-            poison = PoisonMessage(runs)
+        if poison_runs is not None:
+            poison = PoisonMessage(poison_runs)
             inbox.ended(pool, envelope.message_id)
             self.dead_letter("poison", poison, queue=queue, owner=pool, payload=payload)
             raise poison
