@@ -21,6 +21,8 @@ each bound queue instead: a restored copy then returns to its own queue only.
 
 from __future__ import annotations
 
+from functools import cache
+
 from kombu import Exchange, Queue, binding
 
 COMMANDS_EXCHANGE = Exchange("postroom.commands", type="direct", durable=True)
@@ -32,8 +34,12 @@ def command_queue_name(service: str) -> str:
     return f"commands.{service}"
 
 
+@cache
 def command_queue(service: str) -> Queue:
-    """The durable queue a service's pool consumes its commands and queries from."""
+    """The durable queue a service's pool consumes its commands and queries from.
+
+    Built once per service: kombu entities are costly to build, and senders ask for one per message.
+    """
     name = command_queue_name(service)
     return Queue(name, COMMANDS_EXCHANGE, routing_key=name, durable=True)
 
