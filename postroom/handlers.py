@@ -34,6 +34,7 @@ from postroom.messages import Command, CommandFailed, ErrorInfo, Event, Message,
 from postroom.registry import Handler, registry
 from postroom.reliability import DeadLetter, Reliability, derived_id, reliability
 from postroom.signing import signer
+from postroom.topology import command_queue_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -212,7 +213,7 @@ class HandlerTask(MessageTask):
     handler: Handler
 
     def handle(self, args: tuple[Any, ...], payload: dict[str, Any]) -> dict[str, Any]:
-        owner, queue = self.handler.owner, f"commands.{self.handler.owner}"
+        owner, queue = self.handler.owner, command_queue_name(self.handler.owner)
         try:
             envelope, message = self.decode(self.handler.contract, args, payload)
         except InvalidMessage as exc:

@@ -69,7 +69,8 @@ class EventTask(MessageTask):
     def handle(self, args: tuple[Any, ...], payload: dict[str, Any]) -> None:
         pool = worker_pool(self.app)
         handler = registry.subscriber(self.name, pool) if pool else None
-        queue = event_queue_name(pool) if pool else str(self.request.delivery_info)
+        arrived_on = (self.request.delivery_info or {}).get("routing_key") or ""
+        queue = event_queue_name(pool) if pool else arrived_on
         if pool is None or handler is None:
             stray = InvalidMessage(
                 f"{self.name} reached a worker of pool {pool!r}, which does not subscribe to it"
