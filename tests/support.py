@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -140,6 +141,20 @@ def broker_context(kind: str, workdir: Path, **overrides: str) -> BrokerContext:
     env["PYTHONUNBUFFERED"] = "1"
     settings = Settings.from_env(env)
     return BrokerContext(kind, env, settings, create_app(settings), workdir, vhost)
+
+
+def run_python(env: dict[str, str], *argv: str) -> str:
+    """Run ``python *argv`` in the repository as a user's own process would; its standard output."""
+    done = subprocess.run(
+        [sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def last_line(output: str) -> str:
+    return output.strip().splitlines()[-1]
 
 
 def wait_for(predicate: object, timeout: float = 30.0, interval: float = 0.1) -> None:

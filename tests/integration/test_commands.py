@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -14,7 +12,7 @@ from postroom import MessageBus, ReplyTimeout
 from postroom.headers import PREFIX, Envelope
 from postroom.messages import Command
 from tests.integration.services import Crash, Echo, Flaky, Refuse
-from tests.support import ROOT, BrokerContext
+from tests.support import BrokerContext, last_line, run_python
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
@@ -119,12 +117,7 @@ print(MessageBus(config.app).reply_for(sys.argv[1], timeout=30).model_dump_json(
 
 def _python(broker: BrokerContext, code: str, *args: str) -> str:
     env = dict(broker.env, POSTROOM_IMPORTS="")  # these processes load no test handlers
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args], check=False, cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=60,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
+    return last_line(run_python(env, "-c", code, *args))
 
 
 def test_a_plain_process_sends_by_contract_and_another_fetches_the_reply(

@@ -21,7 +21,7 @@ from postroom import MessageBus
 from tasks.analytics import GetAssetStats
 from tasks.notifications import ListNotifications
 from tasks.search import SearchAssets
-from tests.support import ROOT, BrokerContext, wait_for
+from tests.support import ROOT, BrokerContext, last_line, run_python, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 
@@ -106,17 +106,7 @@ print(bus.reply_for(sys.argv[1], timeout=30).model_dump_json())
 
 
 def _shell(up: Up, code: str, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=ROOT,
-        env=up.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
+    return last_line(run_python(up.env, "-c", code, *args))
 
 
 def test_a_command_from_a_plain_shell_gets_its_reply_by_correlation_id_and_fans_out(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 import time
 import uuid
 
@@ -17,7 +15,7 @@ from postroom import MessageBus
 from postroom.headers import PREFIX, Envelope
 from postroom.reliability import DeadLetter, reliability
 from tests.integration.services import Echo, Explode, Flaky
-from tests.support import ROOT, BrokerContext, wait_for
+from tests.support import BrokerContext, run_python, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 SETTINGS = {"poison_after": "2"}
@@ -50,17 +48,7 @@ def alive(bus: MessageBus) -> None:
 
 
 def postroom(broker: BrokerContext, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
-        cwd=ROOT,
-        env=broker.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+    return run_python(broker.env, "-m", "workers.cli", *args)
 
 
 def test_a_command_that_fails_for_good_is_dead_lettered_and_announced(
