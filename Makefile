@@ -9,6 +9,7 @@ up: install brokers
 	$(BIN)/postroom up --demo
 
 test: install brokers
+	bash scripts/browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

@@ -1,8 +1,9 @@
 """The peers postroom is measured against, doing the same work on the same broker.
 
-Bare Celery runs with postroom's delivery settings (late acks, JSON only, prefetch 1, the same
-transport options); Dramatiq with its defaults. Each no-op increments the same kind of Redis counter
-as postroom's, so a drain ends visibly and every system pays for the same one write.
+Bare Celery runs with postroom's delivery and monitoring settings (late acks, JSON only, prefetch
+1, the same transport options, task events for Flower) on kombu's stock transport; Dramatiq with
+its defaults. Each no-op increments the same kind of Redis counter as postroom's, so a drain ends
+visibly and every system pays for the same one write.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 
 from bench.services import done_counter
-from config.celery import delivery_settings
+from config.celery import delivery_settings, monitoring_settings
 from config.settings import settings
 
 _state = redis.Redis.from_url(settings.state)
@@ -25,7 +26,9 @@ def _count(system: str) -> None:
 
 
 celery_app = Celery("bare", broker=settings.broker_url, backend=settings.result_backend)
-celery_app.conf.update(delivery_settings(settings), task_default_queue="bench.bare")
+celery_app.conf.update(
+    **delivery_settings(settings), **monitoring_settings(), task_default_queue="bench.bare"
+)
 
 
 @celery_app.task(name="bench.bare_noop")

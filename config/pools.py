@@ -33,6 +33,8 @@ def subscriber_pool(name: str, concurrency: int = 1) -> Pool:
 
 POOLS: tuple[Pool, ...] = (
     service_pool("assets"),
+    # positions are handled in order per asset: one message at a time per worker (see partitions)
+    service_pool("geofence", concurrency=1),
     subscriber_pool("search"),
     subscriber_pool("analytics"),
     subscriber_pool("notifications"),

@@ -49,6 +49,15 @@ class Settings:
         604800,
         "seconds a consumer remembers a handled message ID (and a command's reply) to drop repeats",
     )
+    event_log_url: str = _setting(
+        "",
+        "Redis holding the event log (a stream, Redis 6.2+); empty: the state Redis "
+        "(`POSTROOM_STATE_URL`)",
+    )
+    event_log_retention: int = _setting(
+        2592000,
+        "seconds a published event stays in the event log, to be shown and replayed (30 days)",
+    )
     poison_after: int = _setting(
         3, "deliveries that kill their worker before a message is dead-lettered as poison"
     )
@@ -68,12 +77,48 @@ class Settings:
     flower_basic_auth: str = _setting(
         "", "`user:password`; when set, Flower refuses requests without these credentials"
     )
+    metrics_address: str = _setting(
+        "127.0.0.1", "address the Prometheus exporter (`postroom metrics`) listens on"
+    )
+    metrics_port: int = _setting(
+        9808, "the Prometheus exporter's port for `postroom up` / `postroom metrics`"
+    )
     signing_keys: str = _setting(
         "",
         "comma-separated secrets; when set, messages are signed (HMAC-SHA256) with the first and "
         "checked against all, and unsigned or tampered ones are dead-lettered",
     )
+    partitions: int = _setting(
+        4,
+        "partition queues per service whose contracts declare a partition key; senders and "
+        "workers must agree",
+    )
+    partition_lease: int = _setting(
+        10, "seconds before a crashed worker's partition queues are taken over by the others"
+    )
     log_level: str = _setting("INFO", "log level of workers and Flower")
+    log_format: str = _setting(
+        "json",
+        "`json`: one JSON object per log line, with the handled message's message_id, "
+        "correlation_id and causation_id; `text`: Celery's usual lines",
+    )
+    tracing: str = _setting(
+        "",
+        "where OpenTelemetry spans go: empty (nowhere), `console`, or `otlp` (OTLP/HTTP to "
+        "`OTEL_EXPORTER_OTLP_ENDPOINT`, default http://localhost:4318)",
+    )
+    api_host: str = _setting("127.0.0.1", "address the HTTP API (`postroom api`) listens on")
+    api_port: int = _setting(8000, "the HTTP API's port for `postroom up` / `postroom api`")
+    api_reply_wait: float = _setting(
+        2.0,
+        "seconds `POST /assets` waits for the command's reply before answering 202 Accepted "
+        "with a `/commands/{correlation_id}` to poll; 0 answers 202 at once",
+    )
+    api_query_timeout: float = _setting(
+        10.0,
+        "seconds a `GET` of the HTTP API waits for its query's reply before answering "
+        "504 Gateway Timeout",
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -95,6 +140,10 @@ class Settings:
     @property
     def state(self) -> str:
         return self.state_url or self.result_backend
+
+    @property
+    def event_log(self) -> str:
+        return self.event_log_url or self.state
 
     @property
     def broker_is_redis(self) -> bool:

@@ -14,7 +14,7 @@ from postroom.errors import (
 )
 from postroom.handlers import HandlerContext, RetryPolicy, handles
 from postroom.headers import Envelope, uuid7
-from postroom.messages import Command, ErrorInfo, Event, Query, Reply
+from postroom.messages import Command, ErrorInfo, Event, Query, Reply, upcaster
 from postroom.subscribers import subscribes
 
 #: the bus of Celery's current app: import your deployment's config module first
@@ -43,5 +43,6 @@ __all__ = [
     "bus",
     "handles",
     "subscribes",
+    "upcaster",
     "uuid7",
 ]

@@ -14,13 +14,30 @@ import celery
 from celery import current_app
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
+from celery.utils.nodenames import anon_nodename
 from kombu import Queue
 
+from postroom import tracing
 from postroom.errors import ReplyTimeout, Unsuccessful, WrongMessageKind
+from postroom.eventlog import event_log
 from postroom.headers import Envelope, uuid7
 from postroom.messages import Command, ErrorInfo, Event, Query, Reply
-from postroom.signing import SIGNATURE, signer
-from postroom.topology import EVENTS_EXCHANGE, command_queue, command_queue_name
+from postroom.partitions import partition_count, partition_of
+from postroom.signing import SIGNATURE, Signer, signer
+from postroom.topology import EVENTS_EXCHANGE, command_queue, partition_queue, queue_named
+from postroom.wire import event_message, gc_paused, publish_many, task_message
+
+_SENDABLE = (Command, Query)
+
+
+def route(app: celery.Celery, command: Command | Query) -> Queue:
+    """The queue a command goes to: its service's, or the partition queue its key hashes to."""
+    contract = type(command)
+    key = contract.__partition_key__
+    if key is None:
+        return command_queue(contract.__service__)
+    partition = partition_of(getattr(command, key), partition_count(app))
+    return partition_queue(contract.__service__, partition)
 
 
 class PendingReply:
@@ -71,19 +88,25 @@ class MessageBus:
         *,
         correlation_id: str | None = None,
         causation_id: str | None = None,
+        message_id: str | None = None,
     ) -> PendingReply:
         """Enqueue a command (or query) for the one service that owns it; returns at once.
 
         The correlation ID is the reply's key, so it must be new for each command. Reusing one on
         purpose (a client retrying the same request) returns the reply already stored for it.
+        A caller-chosen ``message_id`` (say, derived from an HTTP Idempotency-Key) makes a resend
+        the same message: the owner runs it once, and without a correlation ID of its own the
+        reply is stored under the message ID, so the resend finds it.
         """
-        pending, payload, headers = self._prepare(command, correlation_id, causation_id)
+        pending, payload, headers, queue = self._prepare(
+            command, correlation_id, causation_id, signer(self.app), message_id
+        )
         self.app.send_task(
             pending.envelope.message_type,
             kwargs=payload,
             task_id=pending.correlation_id,
             headers=headers,
-            queue=command_queue(type(command).__service__),
+            queue=queue,
             root_id=pending.correlation_id,
             parent_id=causation_id,
             argsrepr=pending.envelope.summary(),
@@ -91,31 +114,47 @@ class MessageBus:
         return pending
 
     def send_many(self, commands: Sequence[Command | Query]) -> list[PendingReply]:
-        """Enqueue many commands at once: one producer, and on Redis pipelined (kombu batches).
+        """Enqueue many commands in a few broker round trips; returns once the broker holds them all.
 
-        Each command is the same message ``send`` would make, with its own correlation ID.
+        Each command is the same message ``send`` would make, with its own correlation ID. Unlike
+        ``send``, no task-sent event goes to Flower per command: Flower lists them when a worker
+        receives them.
         """
-        prepared = [self._prepare(command, None, None) for command in commands]
-        app = self.app
-        with app.producer_or_acquire() as producer, producer.batch():
-            for command, (pending, payload, headers) in zip(commands, prepared, strict=True):
-                name = pending.envelope.message_type
-                app.amqp.send_task_message(
-                    producer,
-                    name,
-                    app.amqp.create_task_message(
-                        pending.correlation_id, name, (), payload,
-                        root_id=pending.correlation_id, argsrepr=pending.envelope.summary(),
+        with gc_paused():
+            app = self.app
+            sign = signer(app)
+            prepared = [self._prepare(command, None, None, sign) for command in commands]
+            origin = anon_nodename()
+            messages = [
+                (
+                    queue,
+                    task_message(
+                        app,
+                        pending.envelope.message_type,
+                        pending.correlation_id,
+                        payload,
+                        headers,
+                        root_id=pending.correlation_id,
+                        parent_id=None,
+                        argsrepr=pending.envelope.summary(),
+                        origin=origin,
                     ),
-                    queue=command_queue(type(command).__service__),
-                    headers=headers,
-                )  # fmt: skip
-        return [pending for pending, _, _ in prepared]
+                )
+                for pending, payload, headers, queue in prepared
+            ]
+            with app.producer_or_acquire() as producer:
+                publish_many(producer, messages)
+        return [pending for pending, _, _, _ in prepared]
 
     def _prepare(
-        self, command: Command | Query, correlation_id: str | None, causation_id: str | None
-    ) -> tuple[PendingReply, dict[str, Any], dict[str, Any]]:
-        if not isinstance(command, Command | Query):
+        self,
+        command: Command | Query,
+        correlation_id: str | None,
+        causation_id: str | None,
+        sign: Signer | None,
+        message_id: str | None = None,
+    ) -> tuple[PendingReply, dict[str, Any], dict[str, Any], Queue]:
+        if not isinstance(command, _SENDABLE):
             hint = (
                 "events are broadcast: use bus.publish(event)"
                 if isinstance(command, Event)
@@ -129,17 +168,12 @@ class MessageBus:
             source=self.source,
             correlation_id=correlation_id,
             causation_id=causation_id,
+            message_id=message_id,
         )
         payload = command.payload()
-        pending = PendingReply(self.app, envelope, command_queue_name(contract.__service__))
-        return pending, payload, self._headers(envelope, payload)
-
-    def _headers(self, envelope: Envelope, payload: dict[str, Any]) -> dict[str, Any]:
-        headers = envelope.to_headers()
-        sign = signer(self.app)
-        if sign is not None:
-            headers[SIGNATURE] = sign.sign(envelope.message_type, payload, headers)
-        return headers
+        queue = route(self.app, command)
+        pending = PendingReply(self.app, envelope, queue.name)
+        return pending, payload, _headers(envelope, payload, sign), queue
 
     def ask(self, query: Query, *, timeout: float | None = 30.0) -> Reply:
         """Send a query and wait for its reply."""
@@ -165,6 +199,13 @@ class MessageBus:
         """Broadcast an event to every pool subscribed to its type; returns its message ID.
 
         The publisher never names a subscriber: the broker's bindings decide who gets a copy.
+
+        The event is appended to the event log first, then published. The log and the broker are
+        two stores with no transaction across them, so one of them can hold an event the other
+        lacks; this order makes it the log: a failed publish leaves a logged event no pool got
+        (the caller sees the error, and a handler's retry publishes the same ID again, which the
+        log keeps once), while the other order could deliver an event that a replay or a newly
+        bootstrapped pool would never see. Bootstrapping relies on this order (postroom.replay).
         """
         if not isinstance(event, Event):
             raise WrongMessageKind(
@@ -183,32 +224,29 @@ class MessageBus:
         )
         app = self.app
         payload = event.payload()
-        message = app.amqp.create_task_message(
-            envelope.message_id,
-            message_type,
-            (),
-            payload,
-            root_id=envelope.correlation_id,
-            parent_id=causation_id,
-            ignore_result=True,
-            argsrepr=envelope.summary(),
-        )
-        headers = self._headers(envelope, payload)
-        with app.producer_or_acquire() as producer, producer.batch():
+        headers = _headers(envelope, payload, signer(app), "publish")
+        event_log(app).append(headers, payload)
+        with app.producer_or_acquire() as producer:
             if producer.connection.transport.driver_type == "redis":
                 # One copy per bound pool queue, addressed to that queue alone (see topology).
-                for row in producer.channel.get_table(EVENTS_EXCHANGE.name):
-                    routing_key, _, queue = row
-                    if routing_key == message_type:
-                        app.amqp.send_task_message(
-                            producer,
-                            message_type,
-                            message,
-                            queue=Queue(queue),
-                            declare=[],
-                            headers=headers,
-                        )
+                bound = [
+                    queue
+                    for routing_key, _, queue in producer.channel.get_table(EVENTS_EXCHANGE.name)
+                    if routing_key == message_type
+                ]
+                message = event_message(app, envelope, payload, headers)
+                publish_many(producer, [(queue_named(queue), message) for queue in bound])
             else:
+                message = app.amqp.create_task_message(
+                    envelope.message_id,
+                    message_type,
+                    (),
+                    payload,
+                    root_id=envelope.correlation_id,
+                    parent_id=causation_id,
+                    ignore_result=True,
+                    argsrepr=envelope.summary(),
+                )
                 app.amqp.send_task_message(
                     producer,
                     message_type,
@@ -221,6 +259,16 @@ class MessageBus:
         return envelope.message_id
 
 
+def _headers(
+    envelope: Envelope, payload: dict[str, Any], sign: Signer | None, operation: str = "send"
+) -> dict[str, Any]:
+    headers = envelope.to_headers()
+    if sign is not None:
+        headers[SIGNATURE] = sign.sign(envelope.message_type, payload, headers)
+    tracing.sent(envelope, headers, operation)  # after signing: traceparent is not signed
+    return headers
+
+
 def _wait_for_reply(
     app: celery.Celery, correlation_id: str, timeout: float | None, queue: str | None
 ) -> Reply:
@@ -228,6 +276,9 @@ def _wait_for_reply(
     try:
         outcome = result.get(timeout=timeout, propagate=False, disable_sync_subtasks=False)
     except CeleryTimeout:
+        # stop listening for it now, not whenever the result object is collected: a
+        # long-running sender (an HTTP API) would pile up subscriptions otherwise
+        app.backend.remove_pending_result(result)
         where = f"on queue {queue}" if queue else "from any pool"
         raise ReplyTimeout(
             f"no reply for correlation ID {correlation_id} within {timeout}s {where}. The command "

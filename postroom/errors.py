@@ -90,3 +90,11 @@ class RejectedReply(Unsuccessful):
 
 class FailedReply(Unsuccessful):
     """The handler broke, or a transient failure outlived its retries."""
+
+
+class AlreadyHandled(PostroomError):
+    """Another run of the same message committed first; this run's writes were discarded.
+
+    Raised inside a handling (never to a user's code path on purpose): two copies of one message
+    can run at once, after a redelivery or a duplicate send, and both pass the inbox check.
+    """

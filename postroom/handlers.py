@@ -7,7 +7,9 @@ outcome into a Reply. Business logic stays in the function, testable without a b
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +22,10 @@ from celery import shared_task
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
+from postroom import tracing
 from postroom.bus import MessageBus
 from postroom.errors import (
+    AlreadyHandled,
     ContractError,
     FailedReply,
     InvalidMessage,
@@ -30,13 +34,23 @@ from postroom.errors import (
     TransientError,
 )
 from postroom.headers import Envelope, uuid7
-from postroom.messages import Command, CommandFailed, ErrorInfo, Event, Message, Query, Reply
+from postroom.messages import (
+    Command,
+    CommandFailed,
+    ErrorInfo,
+    Event,
+    Message,
+    Query,
+    Reply,
+    upcast,
+)
 from postroom.registry import Handler, registry
 from postroom.reliability import DeadLetter, Reliability, derived_id, reliability
 from postroom.signing import signer
 from postroom.topology import command_queue_name
 
 F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger(__name__)
 
 #: failures worth retrying besides TransientError: the broker or a Redis store went away for a moment
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -81,6 +95,8 @@ class HandlerContext:
         self._reliability = reliable
         self._published = 0
         self._transaction: Any = None
+        #: what the owner's inbox knows this run by: the message ID, except for a forced replay
+        self.inbox_id = envelope.message_id
 
     @property
     def message_id(self) -> str:
@@ -110,19 +126,33 @@ class HandlerContext:
         )
 
     def transaction(self) -> Any:
-        """A Redis MULTI pipeline committed together with this message's inbox mark.
+        """A Redis pipeline whose writes are committed together with this message's inbox mark.
 
         Queue the handler's writes on it (it is on the inbox's Redis: POSTROOM_STATE_URL) and the
-        effect and the record that the message was handled land at once, or not at all.
+        effect and the record that the message was handled land at once, or not at all; if a
+        concurrent copy of the message committed first, not at all. Queue writes only: the
+        pipeline is applied by postroom (as one script), never executed by the handler.
         """
         if self._transaction is None:
-            self._transaction = self._reliability.client.pipeline(transaction=True)
+            self._transaction = self._reliability.client.pipeline(transaction=False)
         return self._transaction
+
+    def restart(self, attempt: int) -> None:
+        """Before running again in place: drop the failed run's queued writes; the events the next
+        run publishes get the same IDs as the failed run's, so any already out are repeats."""
+        if self._transaction is not None:
+            self._transaction.reset()
+            self._transaction = None
+        self._published = 0
+        self.attempt = attempt
 
     def commit(self, outcome: dict[str, Any]) -> None:
         pipe = self.transaction()
-        self._reliability.inbox.mark(pipe, self.owner, self.message_id, outcome)
-        pipe.execute()
+        inbox = self._reliability.inbox
+        inbox.mark(pipe, self.owner, self.message_id, outcome)
+        self._transaction = None
+        if not inbox.commit(pipe, self.owner, self.inbox_id):
+            raise AlreadyHandled(f"{self.inbox_id} was handled by {self.owner} meanwhile")
 
 
 class MessageTask(celery.Task):  # type: ignore[misc]
@@ -151,7 +181,7 @@ class MessageTask(celery.Task):  # type: ignore[misc]
         if sign is not None:
             sign.verify(envelope.message_type, payload, self.request.headers or {})
         try:
-            return envelope, contract.model_validate(payload)
+            return envelope, contract.model_validate(upcast(contract, envelope.version, payload))
         except ValidationError as exc:
             raise InvalidMessage(f"invalid {contract.__name__} payload: {exc}") from exc
 
@@ -230,7 +260,27 @@ class HandlerTask(MessageTask):
             self._give_up(envelope, payload, "poison", PoisonMessage(poison_runs), queue)
         ctx = self.context(envelope, owner)
         try:
-            value = to_jsonable_python(self.handler.fn(message, ctx))
+            return self._handle_once(ctx, message, payload, queue=queue, is_command=is_command)
+        except AlreadyHandled:  # a concurrent copy won: the reply it recorded
+            inbox.ended(owner, envelope.message_id)
+            done = inbox.outcome(owner, envelope.message_id) or {}
+            if done.get("status") == "rejected":
+                raise RejectedReply(done) from None
+            return dict(done)
+
+    def _handle_once(
+        self,
+        ctx: HandlerContext,
+        message: Message,
+        payload: dict[str, Any],
+        *,
+        queue: str,
+        is_command: bool,
+    ) -> dict[str, Any]:
+        envelope = ctx.envelope
+        owner, inbox = ctx.owner, self.reliable.inbox
+        try:
+            value = to_jsonable_python(self._run(message, ctx))
         except Rejected as exc:
             reply = self._reply(
                 "rejected", envelope, error=ErrorInfo(type="Rejected", message=exc.reason)
@@ -240,6 +290,8 @@ class HandlerTask(MessageTask):
         except PydanticSerializationError as exc:
             error = InvalidReply(f"the handler's return value is not JSON-serialisable: {exc}")
             self._give_up(envelope, payload, "failed", error, queue)
+        except AlreadyHandled:
+            raise
         except Exception as exc:
             if self.should_retry(exc):
                 inbox.ended(owner, envelope.message_id)
@@ -248,6 +300,21 @@ class HandlerTask(MessageTask):
         reply = self._reply("succeeded", envelope, value=value)
         self._settle(ctx, reply, is_command)
         return reply
+
+    def _run(self, message: Message, ctx: HandlerContext) -> Any:
+        """Call the handler. A partitioned message's transient failures are retried right here:
+        sent back to its queue, it would be overtaken by the messages behind it."""
+        if self.handler.contract.__partition_key__ is None:
+            return self.handler.fn(message, ctx)
+        policy = retry_policy(self.app)
+        for retries in range(policy.max_retries):
+            try:
+                return self.handler.fn(message, ctx)
+            except policy.retry_on as exc:
+                logger.warning("%s failed (%r); retrying in place, in order", ctx.message_id, exc)
+                time.sleep(policy.delay(retries))
+                ctx.restart(attempt=retries + 2)
+        return self.handler.fn(message, ctx)
 
     def _settle(self, ctx: HandlerContext, reply: dict[str, Any], is_command: bool) -> None:
         """A final reply: a command's is recorded with its writes; a query's run just ends."""
@@ -356,7 +423,10 @@ def register_task(
     """Register a Celery task (for every app, like shared_task) whose body is ``base.handle``."""
 
     def run(task: Any, /, *args: Any, **payload: Any) -> Any:
-        return task.handle(args, payload)
+        # shadow: an event delivery's name, <type>@<pool> (see subscribers.EventRequest)
+        request = task.request
+        with tracing.handling(request.headers, request.shadow or request.task or name):
+            return task.handle(args, payload)
 
     run.__module__, run.__doc__ = module, doc
     shared_task(name=name, bind=True, base=base, **attrs)(run)

@@ -9,14 +9,17 @@ so a sender needs only the contract, never the handler.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from postroom.errors import ContractError, UnknownMessageType
+from postroom.errors import ContractError, InvalidMessage, UnknownMessageType
 
 #: every concrete contract by its type name, so a receiver can decode what it is sent
 _CONTRACTS: dict[str, type[Message]] = {}
+#: per type name, the function turning a version-N payload into a version-N+1 payload
+_UPCASTERS: dict[str, dict[int, Callable[[dict[str, Any]], dict[str, Any]]]] = {}
 
 _IRREGULAR_PAST = frozenset(
     [
@@ -96,6 +99,8 @@ class Message(BaseModel):
     __message_type__: ClassVar[str] = ""
     __message_version__: ClassVar[int] = 1
     __service__: ClassVar[str] = ""
+    #: the field whose value orders messages: same value, handled strictly in send order
+    __partition_key__: ClassVar[str | None] = None
 
     def __init_subclass__(
         cls,
@@ -104,6 +109,7 @@ class Message(BaseModel):
         version: int = 1,
         abstract: bool = False,
         allow_any_name: bool = False,
+        partition_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         # The keywords are consumed by __pydantic_init_subclass__, which runs once fields exist.
@@ -117,6 +123,7 @@ class Message(BaseModel):
         version: int = 1,
         abstract: bool = False,
         allow_any_name: bool = False,
+        partition_key: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__pydantic_init_subclass__(**kwargs)
@@ -147,8 +154,15 @@ class Message(BaseModel):
                 "to be done, make it a Command; if the name is right, declare it with "
                 "allow_any_name=True"
             )
+        if partition_key is not None and partition_key not in cls.model_fields:
+            raise ContractError(
+                f"{cls.__qualname__} declares partition_key={partition_key!r}, which is not one of "
+                f"its fields ({', '.join(cls.model_fields) or 'none'}): name the field whose value "
+                "groups the messages that must stay in order"
+            )
         cls.__service__ = service
         cls.__message_version__ = version
+        cls.__partition_key__ = partition_key
         cls.__message_type__ = f"{service}.{cls.__name__}"
         _register_contract(cls)
 
@@ -181,6 +195,64 @@ def contract_for(message_type: str) -> type[Message]:
             f"no contract named {message_type!r} is loaded in this process; "
             "import the module that defines it"
         ) from None
+
+
+UpcasterFn = TypeVar("UpcasterFn", bound=Callable[[dict[str, Any]], dict[str, Any]])
+
+
+def upcaster(contract: type[Message], *, from_version: int) -> Callable[[UpcasterFn], UpcasterFn]:
+    """Register how a ``from_version`` payload of ``contract`` becomes a ``from_version + 1`` one.
+
+    Messages written by the old version (still queued, dead-lettered, or in the event log) are
+    upcast step by step on receipt, so a handler only ever sees the current version.
+    """
+    current = contract.__message_version__
+    if not 1 <= from_version < current:
+        raise ContractError(
+            f"{contract.__name__} is at version {current}: an upcaster goes from a version "
+            f"between 1 and {current - 1} to the next, not from {from_version}"
+        )
+
+    def register(fn: UpcasterFn) -> UpcasterFn:
+        steps = _UPCASTERS.setdefault(contract.__message_type__, {})
+        existing = steps.get(from_version)
+        if existing is not None and existing.__qualname__ != fn.__qualname__:
+            raise ContractError(
+                f"{contract.__name__} already has an upcaster from version {from_version}: "
+                f"{existing.__module__}.{existing.__qualname__}"
+            )
+        steps[from_version] = fn
+        return fn
+
+    return register
+
+
+def upcast(contract: type[Message], version: int, payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` as written by ``version`` of the contract, brought to its current version;
+    InvalidMessage for a version this process does not know (newer, or with a missing step)."""
+    current = contract.__message_version__
+    if version > current:
+        raise InvalidMessage(
+            f"{contract.__message_type__} version {version} is newer than this process knows "
+            f"(version {current}): deploy the contract's new version to this pool, then redrive "
+            "the message"
+        )
+    steps = _UPCASTERS.get(contract.__message_type__, {})
+    for step in range(version, current):
+        if step not in steps:
+            raise InvalidMessage(
+                f"{contract.__message_type__} version {version} cannot be read: no upcaster from "
+                f"version {step} to {step + 1} is registered (@upcaster({contract.__name__}, "
+                f"from_version={step}))"
+            )
+        try:
+            payload = steps[step](dict(payload))
+        except Exception as exc:
+            raise InvalidMessage(
+                f"{contract.__message_type__}: the upcaster from version {step} failed on this "
+                f"payload ({type(exc).__name__}: {exc}); fix it and redrive the message"
+            ) from exc
+    return payload
 
 
 class Command(Message, abstract=True):

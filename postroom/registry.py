@@ -72,6 +72,10 @@ class Registry:
         """Every subscriber pool with the event types it subscribes to."""
         return {pool: self.subscriptions(pool) for pool in {o for _, o in self._subscribers}}
 
+    def partitioned_services(self) -> list[str]:
+        """Every service owning a contract that declares a partition key: it has partition queues."""
+        return sorted({h.owner for h in self._owners.values() if h.contract.__partition_key__})
+
     def services(self) -> list[str]:
         """Every service that owns a command or query."""
         return sorted({h.owner for h in self._owners.values()})

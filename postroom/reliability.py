@@ -57,8 +57,9 @@ class Reliability:
         # redis-py notices a fork and reconnects, so one client per process is safe.
         return redis.Redis.from_url(self.redis_url, decode_responses=True)
 
-    @property
+    @cached_property
     def inbox(self) -> Inbox:
+        # one per process: it holds the registered begin script, used once per message
         return Inbox(self)
 
     @property
@@ -82,6 +83,18 @@ end
 local runs = redis.call('INCR', KEYS[2])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
 return {false, runs}
+"""
+
+
+_COMMIT = """
+if redis.call('EXISTS', ARGV[1]) == 1 then return 0 end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
 """
 
 
@@ -118,6 +131,38 @@ class Inbox:
             ex=self.config.inbox_retention,
         )
         pipe.delete(self._key("runs", owner, message_id))
+
+    def done_key(self, owner: str, message_id: str) -> str:
+        return self._key("done", owner, message_id)
+
+    def commit(self, pipe: Any, owner: str, message_id: str) -> bool:
+        """Apply the writes queued on ``pipe`` (a handler's, and the mark) in one atomic step,
+        unless the message is marked handled already; False then, and nothing is written.
+
+        Two copies of a message can run at once (a duplicate send, a redelivery) and both pass
+        ``begin``; this check, inside the same script as the writes, lets only one commit. One
+        round trip, as a MULTI/EXEC would be, where WATCH would cost two more.
+        """
+        encode: Any = self.client.connection_pool.get_encoder().encode
+        args: list[Any] = [self._key("done", owner, message_id)]
+        for command, _options in pipe.command_stack:
+            args.append(len(command))
+            args.extend(encode(part) for part in command)
+        pipe.reset()
+        return bool(self._commit(args=args))
+
+    @cached_property
+    def _commit(self) -> Any:
+        return self.client.register_script(_COMMIT)
+
+    def outcome(self, owner: str, message_id: str) -> dict[str, Any] | None:
+        """What ``owner`` recorded when it handled the message, if it has."""
+        raw = self.client.get(self._key("done", owner, message_id))
+        return None if raw is None else dict(json.loads(raw))
+
+    def runs(self, owner: str, message_id: str) -> int:
+        """Runs begun and not ended: a run in progress, or runs that died with their worker."""
+        return int(self.client.get(self._key("runs", owner, message_id)) or 0)
 
     @cached_property
     def _begin(self) -> Any:

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 import celery
 from celery.worker.request import Request
 
-from postroom.errors import ContractError, InvalidMessage
+from postroom.errors import AlreadyHandled, ContractError, InvalidMessage
 from postroom.handlers import MessageTask, PoisonMessage, register_task
-from postroom.headers import PREFIX
+from postroom.headers import MESSAGE_ID, REPLAY
 from postroom.messages import Event
 from postroom.registry import Handler, registry
 from postroom.topology import event_delivery_name, event_queue_name, pool_of_event_queue
@@ -44,17 +44,27 @@ def delivery_id(message_id: str, pool: str) -> str:
     return str(uuid.uuid5(uuid.UUID(message_id), pool))
 
 
+def replayed_id(message_id: str, replay: object) -> str:
+    """What a pool's inbox knows a delivery by: its message ID, or for a forced replay's copy
+    (``postroom.replay`` set, see postroom.replay) an ID of its own, new for each replay run, so
+    the pool runs it again, yet the same across that copy's retries and redeliveries."""
+    if replay is None:
+        return message_id
+    return str(uuid.uuid5(uuid.UUID(message_id), f"replay:{replay}"))
+
+
 class EventRequest(Request):  # type: ignore[misc]
     """Names one pool's delivery of an event after the event and the pool, with its own task ID."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         pool = worker_pool(self._app)
-        message_id = self._request_dict.get(PREFIX + "message_id")
+        message_id = self._request_dict.get(MESSAGE_ID)
         if pool is None or not isinstance(message_id, str):
             return  # decoded and refused in EventTask.handle, with the reason
         try:
-            self.id = self._request_dict["id"] = delivery_id(message_id, pool)
+            handled_as = replayed_id(message_id, self._request_dict.get(REPLAY))
+            self.id = self._request_dict["id"] = delivery_id(handled_as, pool)
         except ValueError:
             return
         self.name = self._request_dict["shadow"] = event_delivery_name(self._type, pool)
@@ -83,19 +93,24 @@ class EventTask(MessageTask):
             self.dead_letter("invalid", exc, queue=queue, owner=pool, payload=payload)
             raise
         inbox = self.reliable.inbox
-        done, poison_runs = self.begin(pool, envelope.message_id, dedupe=True)
+        handled_as = replayed_id(envelope.message_id, (self.request.headers or {}).get(REPLAY))
+        done, poison_runs = self.begin(pool, handled_as, dedupe=True)
         if done is not None:
             return  # this pool already handled this event: a redelivery or a duplicate
         if poison_runs is not None:
             poison = PoisonMessage(poison_runs)
-            inbox.ended(pool, envelope.message_id)
+            inbox.ended(pool, handled_as)
             self.dead_letter("poison", poison, queue=queue, owner=pool, payload=payload)
             raise poison
         ctx = self.context(envelope, pool)
+        ctx.inbox_id = handled_as
         try:
             handler.fn(event, ctx)
+        except AlreadyHandled:
+            inbox.ended(pool, handled_as)
+            return  # a concurrent copy of this pool's delivery committed first
         except Exception as exc:
-            inbox.ended(pool, envelope.message_id)
+            inbox.ended(pool, handled_as)
             if self.should_retry(exc):
                 # Task.retry() would re-publish through the exchange and key the copy came in on,
                 # broadcasting it to every pool again: send it back to this pool's queue alone.
@@ -104,7 +119,14 @@ class EventTask(MessageTask):
                 ) from exc
             self.dead_letter("failed", exc, queue=queue, owner=pool, payload=payload)
             raise
-        ctx.commit({"status": "handled", "attempts": ctx.attempt})
+        outcome = {"status": "handled", "attempts": ctx.attempt}
+        if handled_as != envelope.message_id:  # a forced replay's ID, marked in one MULTI with
+            # the event's own (ctx.commit), so neither this copy nor the event runs again
+            inbox.mark(ctx.transaction(), pool, handled_as, outcome)
+        try:
+            ctx.commit(outcome)
+        except AlreadyHandled:
+            inbox.ended(pool, handled_as)
 
 
 def subscribes(event: type[Event], *, pool: str) -> Callable[[F], F]:

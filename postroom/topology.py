@@ -44,6 +44,34 @@ def command_queue(service: str) -> Queue:
     return Queue(name, COMMANDS_EXCHANGE, routing_key=name, durable=True)
 
 
+@cache
+def queue_named(name: str) -> Queue:
+    """A queue addressed by its name alone, for a copy sent to exactly that queue (an event's copy
+    for one pool on Redis); built once per name, not once per message."""
+    return Queue(name)
+
+
+def partition_queue_name(service: str, partition: int) -> str:
+    return f"{command_queue_name(service)}.p{partition}"
+
+
+@cache
+def partition_queue(service: str, partition: int) -> Queue:
+    """One of a service's partition queues: ordered messages of the keys that hash to it.
+
+    Single-active-consumer on RabbitMQ: however many workers subscribe, the broker delivers to
+    one at a time (kombu's Redis transport ignores the argument; leases do the same job there).
+    """
+    name = partition_queue_name(service, partition)
+    return Queue(
+        name,
+        COMMANDS_EXCHANGE,
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-single-active-consumer": True},
+    )
+
+
 def event_queue_name(pool: str) -> str:
     return _EVENT_QUEUE_PREFIX + pool
 
@@ -74,12 +102,19 @@ def event_delivery_name(event_type: str, pool: str) -> str:
     return f"{event_type}@{pool}"
 
 
-def declared_queues(owners: list[str], pools: dict[str, list[str]]) -> list[Queue]:
-    """Every queue of a deployment: one per owning service, one per subscriber pool.
+def declared_queues(
+    owners: list[str],
+    pools: dict[str, list[str]],
+    partitioned: tuple[str, ...] = (),
+    partitions: int = 4,
+) -> list[Queue]:
+    """Every queue of a deployment: one per owning service, one per subscriber pool, and
+    ``partitions`` more for each service in ``partitioned`` (see postroom.partitions).
 
     ``owners`` are the services that handle commands or queries; ``pools`` maps each subscriber pool
     to the event types it subscribes to. Which process consumes which queue is the pools' business.
     """
     queues = [command_queue(service) for service in sorted(set(owners))]
+    queues += [partition_queue(s, p) for s in sorted(set(partitioned)) for p in range(partitions)]
     queues += [event_queue(pool, types) for pool, types in sorted(pools.items())]
     return queues

@@ -7,6 +7,7 @@ import uuid
 
 from postroom import HandlerContext, Query, handles, subscribes
 from tasks.assets import AssetRegistered, DeviceBound
+from tasks.geofence import AssetEnteredGeofence, AssetExitedGeofence
 from tasks.state import client, key
 
 POOL = "notifications"
@@ -34,6 +35,18 @@ def notify_registered(event: AssetRegistered, ctx: HandlerContext) -> None:
 @subscribes(DeviceBound, pool=POOL)
 def notify_bound(event: DeviceBound, ctx: HandlerContext) -> None:
     _record(event.asset_id, f"Device {event.device_id} was bound", ctx)
+
+
+@subscribes(AssetEnteredGeofence, pool=POOL)
+def notify_entered(event: AssetEnteredGeofence, ctx: HandlerContext) -> None:
+    _record(
+        event.asset_id, f"Entered geofence {event.geofence_id!r} at {event.at.isoformat()}", ctx
+    )
+
+
+@subscribes(AssetExitedGeofence, pool=POOL)
+def notify_exited(event: AssetExitedGeofence, ctx: HandlerContext) -> None:
+    _record(event.asset_id, f"Exited geofence {event.geofence_id!r} at {event.at.isoformat()}", ctx)
 
 
 @handles(ListNotifications, service=POOL)

@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from celery import Celery
 
@@ -47,6 +47,8 @@ def flower_argv(settings: Settings) -> list[str]:
         sys.executable, "-m", "workers.flower",
         f"--port={settings.flower_port}", f"--address={settings.flower_address}",
         f"--logging={settings.log_level.lower()}",
+        # args too: a task's args are its envelope's IDs, so the list shows each correlation ID
+        "--tasks_columns=name,uuid,state,args,received,runtime,worker",
     ]  # fmt: skip
 
 
@@ -85,19 +87,81 @@ def wait_until_ready(app: Celery, pools: Iterable[Pool], timeout: float = 60.0) 
 
 def wait_for_flower(settings: Settings, timeout: float = 60.0) -> None:
     """Block until Flower answers HTTP (a 401 counts: it is up, and asking for credentials)."""
+    url = flower_url(settings)
+    _wait_for_http(url + "healthcheck", "Flower", url, timeout, any_status=True)
+
+
+def api_argv() -> list[str]:
+    """The HTTP API (workers/api.py); it reads its address from the settings, like every process."""
+    return [sys.executable, "-m", "workers.api"]
+
+
+def api_url(settings: Settings) -> str:
+    return f"http://{settings.api_host}:{settings.api_port}/"
+
+
+def wait_for_api(
+    settings: Settings, process: subprocess.Popen[bytes] | None = None, timeout: float = 60.0
+) -> None:
+    """Block until the HTTP API serves its OpenAPI document; TimeoutError saying where it was not.
+
+    With its ``process``, an API that exited (its port taken, say) is reported at once, rather
+    than after the timeout, or never when something else answers on that port.
+    """
+
+    def exited() -> None:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(
+                f"the HTTP API exited with code {process.returncode}; if its port is taken, set "
+                f"POSTROOM_API_PORT (now {settings.api_port}) or pass --no-api"
+            )
+
+    url = api_url(settings)
+    _wait_for_http(url + "openapi.json", "the HTTP API", url, timeout, check=exited)
+
+
+def metrics_argv() -> list[str]:
+    """The Prometheus exporter (workers/metrics.py); it reads its address from the settings."""
+    return [sys.executable, "-m", "workers.metrics"]
+
+
+def metrics_url(settings: Settings) -> str:
+    return f"http://{settings.metrics_address}:{settings.metrics_port}/metrics"
+
+
+def wait_for_metrics(settings: Settings, timeout: float = 60.0) -> None:
+    """Block until the exporter answers a scrape; TimeoutError saying where it did not."""
+    url = metrics_url(settings)
+    _wait_for_http(url, "the metrics exporter", url, timeout, request_timeout=5.0)
+
+
+def _wait_for_http(
+    url: str,
+    what: str,
+    where: str,
+    timeout: float,
+    *,
+    any_status: bool = False,
+    check: Callable[[], None] | None = None,
+    request_timeout: float = 2.0,
+) -> None:
+    """Poll ``url`` until it answers (with any HTTP status if ``any_status``), calling ``check``
+    before each try; TimeoutError naming ``what`` and ``where`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
+        if check is not None:
+            check()
         try:
-            with urllib.request.urlopen(flower_url(settings) + "healthcheck", timeout=2):
+            with urllib.request.urlopen(url, timeout=request_timeout):
                 return
         except urllib.error.HTTPError:
-            return
+            if any_status:
+                return
         except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"Flower did not answer at {flower_url(settings)} in {timeout}s"
-                ) from None
-            time.sleep(0.3)
+            pass  # not listening yet
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not answer at {where} in {timeout}s") from None
+        time.sleep(0.3)
 
 
 class Supervisor:

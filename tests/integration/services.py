@@ -142,3 +142,17 @@ for _pool in POOLS:
     subscribes(ProbeHappened, pool=_pool)(
         lambda event, ctx, _pool=_pool: _record(_pool, event, ctx)
     )
+
+
+# Event log and replay (tests/integration/test_event_log.py).
+#: a pool that exists in code only until `postroom events replay --pool pool_new` declares its queue
+NEW_POOL = "pool_new"
+
+
+class ProbeLogged(Event, service=SERVICE):
+    """An event no pool subscribes to: logged all the same, and never replayed into a pool."""
+
+    key: str
+
+
+subscribes(ProbeHappened, pool=NEW_POOL)(lambda event, ctx: _record(NEW_POOL, event, ctx))

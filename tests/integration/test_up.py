@@ -37,9 +37,14 @@ def _free_port() -> int:
 class Up:
     def __init__(self, broker: BrokerContext, log: Path) -> None:
         self.port = _free_port()
+        self.api_port = _free_port()
+        self.metrics_port = _free_port()
         self.env = dict(
             broker.env,
             POSTROOM_FLOWER_PORT=str(self.port),
+            POSTROOM_API_PORT=str(self.api_port),
+            POSTROOM_METRICS_PORT=str(self.metrics_port),
+            POSTROOM_API_REPLY_WAIT="30",  # a POST answers 201 even on a busy machine
             POSTROOM_FLOWER_BASIC_AUTH=AUTH,
             POSTROOM_IMPORTS="",
         )
@@ -167,11 +172,43 @@ def test_flower_metrics_answer_with_credentials(up: Up) -> None:
         assert b"flower_events_total" in response.read()
 
 
+def test_up_serves_the_http_api_and_its_docs(up: Up) -> None:
+    assert f"HTTP API at http://127.0.0.1:{up.api_port}/" in up.output()
+    with urllib.request.urlopen(f"http://127.0.0.1:{up.api_port}/docs", timeout=10) as response:
+        assert b"swagger-ui" in response.read()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{up.api_port}/assets",
+        data=json.dumps({"name": "Crane 3"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 201
+        assert response.headers["Location"] == f"/assets/{json.loads(response.read())['asset_id']}"
+
+
+def test_up_serves_prometheus_metrics_that_counted_the_demo(up: Up) -> None:
+    url = f"http://127.0.0.1:{up.metrics_port}/metrics"
+    assert f"Prometheus metrics at {url}" in up.output()
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return str(response.read().decode())
+
+    counted = 'postroom_messages_handled_total{message_type="assets.RegisterAsset",pool="assets"}'
+    wait_for(lambda: counted in scrape(), timeout=30)
+    delivered = 'message_type="assets.AssetRegistered",pool="search"'
+    wait_for(lambda: delivered in scrape(), timeout=30)
+
+
 def test_sigterm_stops_every_pool_and_flower(up: Up, broker: BrokerContext) -> None:
     up.proc.send_signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
     assert not broker.app.control.ping(timeout=1.0)
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", up.port)) != 0
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", up.api_port)) != 0
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", up.metrics_port)) != 0
     assert AUTH.split(":")[1] not in up.output()
     assert len(POOLS) == up.output().count("Warm shutdown")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -52,6 +53,21 @@ def test_a_duplicated_command_runs_once_and_both_deliveries_get_the_same_reply(
     assert broker.state().get(broker.key("probe", "count", key)) == "1"
     second = bus.reply_for(envelope.correlation_id, timeout=30)
     assert second == first
+
+
+def test_two_copies_of_a_command_running_at_the_same_time_have_one_effect(
+    broker: BrokerContext, bus: MessageBus
+) -> None:
+    """Both copies pass the inbox check before either commits; only the first commit lands."""
+    broker.start_worker(Pool("probe-pair", ("commands.probe",), concurrency=2))
+    for _ in range(3):
+        key = uuid.uuid4().hex
+        envelope = Envelope.new("probe.Count", 1, source="tests")
+        deliver(broker, envelope, {"key": key, "pause": 1.0})
+        deliver(broker, envelope, {"key": key, "pause": 1.0})
+        assert bus.reply_for(envelope.correlation_id, timeout=30).ok
+        time.sleep(2)  # the other copy started with it and pauses 1 s: it is done by now
+        assert broker.state().get(broker.key("probe", "count", key)) == "1"
 
 
 def test_the_same_command_sent_twice_as_two_messages_runs_twice(

@@ -42,8 +42,9 @@ def test_missing_headers_are_named() -> None:
     [
         ("message_id", "not-a-uuid", "not a UUID"),
         ("correlation_id", 7, "not a UUID"),
-        ("version", "1", "not an integer"),
-        ("version", True, "not an integer"),
+        ("version", "1", "not a positive integer"),
+        ("version", True, "not a positive integer"),
+        ("version", 0, "not a positive integer"),
         ("message_type", "", "non-empty string"),
         ("created_at", "yesterday", "ISO 8601"),
     ],

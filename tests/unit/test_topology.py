@@ -16,7 +16,12 @@ def test_a_subscriber_pool_queue_is_bound_under_each_event_type_it_subscribes_to
     bound = {q.name: sorted(b.routing_key for b in q.bindings) for q in app.conf.task_queues}
     assert bound["events.search"] == ["assets.AssetRegistered"]
     assert bound["events.analytics"] == ["assets.AssetRegistered", "assets.DeviceBound"]
-    assert bound["events.notifications"] == ["assets.AssetRegistered", "assets.DeviceBound"]
+    assert bound["events.notifications"] == [
+        "assets.AssetRegistered",
+        "assets.DeviceBound",
+        "geofence.AssetEnteredGeofence",
+        "geofence.AssetExitedGeofence",
+    ]
 
 
 def test_every_queue_a_pool_consumes_is_declared_durable() -> None:
@@ -45,3 +50,7 @@ def test_docker_compose_runs_every_pool_and_flower_on_both_brokers() -> None:
     flower = services["flower"]
     assert flower["command"] == ["postroom", "flower"]
     assert any(str(p).endswith(":5555") for p in flower["ports"])
+    api = services["api"]
+    assert api["command"] == ["postroom", "api"]
+    assert api["environment"]["POSTROOM_API_HOST"] == "0.0.0.0"  # reachable from the host
+    assert any(str(p).endswith(":8000") for p in api["ports"])

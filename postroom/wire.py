@@ -1,0 +1,226 @@
+"""Celery task messages built and published in bulk, for senders that need many per second.
+
+``app.send_task`` spends most of its time on things a batch does not need once per message:
+signals, a safe repr of the arguments, building and copying kombu entities, and one broker round
+trip each. Here a message is built straight in Celery's task protocol 2 (the same headers, body
+and properties ``send_task`` writes; a test compares them field by field), and a batch goes out in
+as few round trips as the broker allows: on Redis one pipelined ``LPUSH`` per queue per chunk, on
+RabbitMQ publishes inside a transaction committed once per chunk, so a returned call means every
+message is stored.
+"""
+
+from __future__ import annotations
+
+import gc
+import uuid
+from base64 import b64encode
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import amqp
+import celery
+import orjson
+from celery.utils.nodenames import anon_nodename
+from kombu import Producer, Queue
+from kombu.common import maybe_declare
+
+from postroom.headers import Envelope
+
+#: options Celery puts in every task body; postroom uses none of them
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+#: how long a kwargs repr may be in headers (Flower's "kwargs" column); Celery's default too
+_REPR_MAX = 1024
+#: messages per round trip (Redis) or per transaction (RabbitMQ)
+CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """One Celery task message, transport-neutral: AMQP headers, properties and a JSON body."""
+
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    body: bytes
+
+
+def task_message(
+    app: celery.Celery,
+    name: str,
+    task_id: str,
+    kwargs: dict[str, Any],
+    extra_headers: dict[str, Any],
+    *,
+    root_id: str,
+    parent_id: str | None,
+    argsrepr: str,
+    ignore_result: bool = False,
+    origin: str | None = None,
+) -> TaskMessage:
+    """What ``app.send_task(name, kwargs=kwargs, task_id=task_id, ...)`` would publish.
+
+    ``origin`` names the sending process (``gen<pid>@<host>``); a batch computes it once.
+    """
+    kwargsrepr = repr(kwargs)
+    if len(kwargsrepr) > _REPR_MAX:
+        kwargsrepr = kwargsrepr[: _REPR_MAX - 3] + "..."
+    headers = {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": root_id,
+        "parent_id": parent_id,
+        "argsrepr": argsrepr,
+        "kwargsrepr": kwargsrepr,
+        "origin": origin or anon_nodename(),
+        "ignore_result": ignore_result,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+        **extra_headers,
+    }
+    properties = {"correlation_id": task_id, "reply_to": app.thread_oid}
+    body = orjson.dumps([[], kwargs, _EMBED])
+    return TaskMessage(headers, properties, body)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a batch is built.
+
+    A batch allocates a few dicts and strings per message and none of them form cycles, so
+    reference counting frees them all; the collector would only walk the growing batch again and
+    again (a quarter of the time on a 5,000-command batch). It is re-enabled on exit unless it was
+    already off.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def event_message(
+    app: celery.Celery,
+    envelope: Envelope,
+    payload: dict[str, Any],
+    headers: dict[str, Any],
+    origin: str | None = None,
+) -> TaskMessage:
+    """An event's task message, as the bus publishes it (and a replay re-sends it): its task ID is
+    the event's message ID, its parent the message that caused it, and no result is kept."""
+    return task_message(
+        app,
+        envelope.message_type,
+        envelope.message_id,
+        payload,
+        headers,
+        root_id=envelope.correlation_id,
+        parent_id=envelope.causation_id,
+        argsrepr=envelope.summary(),
+        ignore_result=True,
+        origin=origin,
+    )
+
+
+def publish_many(producer: Producer, messages: Sequence[tuple[Queue, TaskMessage]]) -> None:
+    """Store every message in its queue; returns only once the broker holds them all.
+
+    Each distinct queue is declared once first, so nothing is sent to a queue that does not exist
+    yet (on RabbitMQ such a message would be dropped by the exchange).
+    """
+    if not messages:
+        return
+    channel = producer.channel
+    for queue in {queue.name: queue for queue, _ in messages}.values():
+        maybe_declare(queue, channel)
+    if producer.connection.transport.driver_type == "redis":
+        _redis_publish(channel, messages)
+    else:
+        _amqp_publish(producer.connection.connection, messages)
+
+
+def _chunks(
+    messages: Sequence[tuple[Queue, TaskMessage]],
+) -> Iterable[Sequence[tuple[Queue, TaskMessage]]]:
+    for start in range(0, len(messages), CHUNK):
+        yield messages[start : start + CHUNK]
+
+
+def _redis_publish(channel: Any, messages: Sequence[tuple[Queue, TaskMessage]]) -> None:
+    """kombu's Redis storage format (what its ``basic_publish`` writes), pushed in pipelines.
+
+    Every message gets its own delivery tag: kombu keys its unacked index by it, so a shared tag
+    would let one in-flight copy hide another from the crash-recovery sweep.
+    """
+    with channel.conn_or_acquire() as client:
+        for chunk in _chunks(messages):
+            by_queue: dict[str, list[bytes]] = {}
+            for queue, message in chunk:
+                by_queue.setdefault(queue.name, []).append(_redis_payload(queue.name, message))
+            with client.pipeline(transaction=False) as pipe:
+                for name, payloads in by_queue.items():
+                    pipe.lpush(name, *payloads)  # LPUSH a b c, consumed from the tail: a, b, c
+                pipe.execute()
+
+
+def _redis_payload(queue: str, message: TaskMessage) -> bytes:
+    return orjson.dumps(
+        {
+            "body": b64encode(message.body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": message.headers,
+            "properties": {
+                **message.properties,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )
+
+
+def _amqp_publish(
+    connection: amqp.Connection, messages: Sequence[tuple[Queue, TaskMessage]]
+) -> None:
+    """Publishes on a channel of its own in transaction mode: ``tx_commit`` returns once RabbitMQ
+    has enqueued (and, for these persistent messages on durable queues, stored) the whole chunk.
+
+    The producer's own channel is in publisher-confirm mode, which waits for one confirm per
+    message; a channel cannot be in both modes, hence a separate one. ``_basic_publish`` is
+    py-amqp's plain publish, which the confirm mode otherwise wraps.
+    """
+    channel = connection.channel()
+    try:
+        channel.tx_select()
+        for chunk in _chunks(messages):
+            for queue, message in chunk:
+                channel._basic_publish(
+                    amqp.Message(
+                        message.body,
+                        content_type="application/json",
+                        content_encoding="utf-8",
+                        application_headers=message.headers,
+                        delivery_mode=2,
+                        priority=0,
+                        **message.properties,
+                    ),
+                    exchange="",
+                    routing_key=queue.name,
+                )
+            channel.tx_commit()
+    finally:
+        channel.close()

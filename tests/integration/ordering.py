@@ -1,0 +1,25 @@
+"""A partitioned contract for the ordering tests: each handled message appends its sequence number
+to its key's list, in the same transaction as the inbox mark, so the lists show the handling order
+exactly (a lost message is a gap, a doubled one a repeat)."""
+
+from __future__ import annotations
+
+from postroom import Command, HandlerContext, TransientError, handles
+from tasks.state import key
+
+
+class MoveTo(Command, service="ordered", partition_key="asset"):
+    asset: str
+    seq: int
+    flaky: bool = False  # fail transiently on the first attempt
+
+
+def handled(asset: str) -> str:
+    return key("ordered", "handled", asset)
+
+
+@handles(MoveTo)
+def move_to(cmd: MoveTo, ctx: HandlerContext) -> None:
+    if cmd.flaky and ctx.attempt == 1:
+        raise TransientError("the first attempt of a flaky position fails")
+    ctx.transaction().rpush(handled(cmd.asset), cmd.seq)

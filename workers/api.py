@@ -1,0 +1,320 @@
+"""The HTTP front door: ``POST /assets`` looks synchronous to its caller and is a command inside.
+
+The seeds' worked example, served with FastAPI. A request becomes a ``RegisterAsset`` command on
+the bus; the endpoint waits a short while (``POSTROOM_API_REPLY_WAIT``) for the reply, the way a
+caller of a synchronous API expects, and when the owner is slower than that it answers 202 with
+where to fetch the reply later, instead of holding the connection open or losing the outcome:
+
+    POST /assets ─> bus.send(RegisterAsset) ─> ( commands.assets ) ─> pool "assets"
+         │                                                               │
+         ├─ reply in time:   201 Created,  Location: /assets/{asset_id}  │
+         └─ no reply yet:    202 Accepted, Location: /commands/{cid} <───┘ result backend[cid]
+
+Reads are queries through the bus as well (``GetAsset``, ``SearchAssets``): this process holds no
+state and imports contracts only, never a handler. Endpoints are plain ``def`` functions, so the
+blocking waits on the bus run in Starlette's thread pool, not on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated, Any, Literal
+
+import redis.exceptions
+import uvicorn
+from celery.result import AsyncResult
+from fastapi import FastAPI, Header, HTTPException, Request, status
+from fastapi import Query as QueryParam
+from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ConfigDict, Field
+
+from config import app as celery_app
+from config.settings import Settings, settings
+from postroom import MessageBus, ReplyTimeout, tracing
+from postroom.messages import Command, Query, Reply
+from tasks.assets import GetAsset, RegisterAsset
+from tasks.search import SearchAssets
+
+logger = logging.getLogger(__name__)
+
+#: Idempotency keys become message IDs as uuid5 over this namespace. It never changes: a new
+#: namespace would turn every key a client is retrying with into a new command.
+IDEMPOTENCY_KEYS = uuid.UUID("0f3c8e9e-5b7a-4f7e-8a51-6c2d9b4e1a70")
+
+#: A rejection with this error means the owner refused the payload itself: 422, not 409.
+_INVALID_PAYLOAD = "InvalidMessage"
+
+
+class NewAsset(BaseModel):
+    """The body of ``POST /assets``: ``RegisterAsset``'s fields, so a bad body is refused with 422
+    naming the field before anything is sent. The HTTP schema is declared here rather than being the
+    contract itself, so the public API can evolve apart from the message (a test keeps them in step).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, examples=["Truck 12"])
+    description: str | None = Field(default=None, examples=["Refrigerated, 12 t"])
+    attributes: dict[str, str] = Field(default_factory=dict, examples=[{"fleet": "north"}])
+
+
+class AssetCreated(BaseModel):
+    """201: the reply's value; the asset itself is at the Location."""
+
+    asset_id: uuid.UUID
+
+
+class CommandAccepted(BaseModel):
+    """202: the command is queued or running; its reply will be at ``location``."""
+
+    status: Literal["pending"] = "pending"
+    correlation_id: str
+    location: str
+
+
+class Asset(BaseModel):
+    """An asset as the assets service answers ``GetAsset``."""
+
+    asset_id: uuid.UUID
+    name: str
+    description: str | None = None
+    attributes: dict[str, str] = Field(default_factory=dict)
+    registered_at: str
+    devices: list[str] = Field(default_factory=list)
+
+
+class AssetMatch(BaseModel):
+    """One hit of ``SearchAssets`` (the search pool's index, fed by ``AssetRegistered`` events)."""
+
+    asset_id: uuid.UUID
+    name: str
+
+
+def message_id_for(idempotency_key: str, command: type[Command]) -> str:
+    """The message ID a request with this ``Idempotency-Key`` is sent under.
+
+    The same key always gives the same ID, so a retried request is the same message: the owner's
+    inbox runs it once and its reply is stored under that ID (the correlation ID defaults to it).
+    The command's type is part of the name, so one key used on two endpoints makes two commands.
+    """
+    return str(uuid.uuid5(IDEMPOTENCY_KEYS, f"{command.__message_type__}\n{idempotency_key}"))
+
+
+def accepted(correlation_id: str) -> JSONResponse:
+    """202 Accepted: where the reply of a command still on its way can be fetched."""
+    location = f"/commands/{correlation_id}"
+    body = CommandAccepted(correlation_id=correlation_id, location=location)
+    return JSONResponse(
+        body.model_dump(),
+        status_code=status.HTTP_202_ACCEPTED,
+        headers={"Location": location, "Retry-After": "1", "X-Correlation-ID": correlation_id},
+    )
+
+
+def unsuccessful(reply: Reply) -> JSONResponse:
+    """The HTTP answer to a rejected or failed reply; the body is the reply itself.
+
+    Rejected: 409 Conflict (the owner refused the command; sending it again changes nothing), or
+    422 when it was the payload that was refused. Failed: 502 Bad Gateway, since the service
+    behind this API broke or kept failing past its retries; the error names its type.
+    """
+    if reply.status == "rejected":
+        invalid = reply.error is not None and reply.error.type == _INVALID_PAYLOAD
+        # 422 as a literal: Starlette renamed its constant (UNPROCESSABLE_ENTITY -> _CONTENT)
+        code = 422 if invalid else status.HTTP_409_CONFLICT
+    else:
+        code = status.HTTP_502_BAD_GATEWAY
+    return JSONResponse(
+        reply.model_dump(mode="json"),
+        status_code=code,
+        headers={"X-Correlation-ID": reply.correlation_id},
+    )
+
+
+def _stored_reply(bus: MessageBus, correlation_id: str) -> Reply | None:
+    """The reply already stored under a correlation ID, or None; never waits for one to arrive.
+
+    A result that is not ready (unknown, queued, running or between retries) is None: the result
+    backend cannot tell a command it never saw from one still in a queue.
+    """
+    if not AsyncResult(correlation_id, app=bus.app).ready():
+        return None
+    return bus.reply_for(correlation_id, timeout=5.0)  # stored: this returns at once
+
+
+def _ask(bus: MessageBus, query: Query, timeout: float) -> Reply:
+    """The query's reply; 504 when none comes in time, as a proxy does for a silent upstream."""
+    try:
+        return bus.ask(query, timeout=timeout)
+    except ReplyTimeout:
+        raise HTTPException(
+            status.HTTP_504_GATEWAY_TIMEOUT,
+            f"the {query.__message_type__} query got no reply within {timeout}s: is the pool "
+            f"serving commands.{query.__service__} running? (postroom up)",
+        ) from None
+
+
+def _broker_unreachable(request: Request, exc: Exception) -> JSONResponse:
+    """503 rather than a bare 500: the request was fine, the post room behind it is not there.
+
+    The error's own text stays in the log (it can name hosts); the client is told what to do.
+    """
+    logger.error(
+        "%s %s: broker or result backend unreachable: %r", request.method, request.url, exc
+    )
+    return JSONResponse(
+        {
+            "detail": f"the broker or the result backend is unreachable ({type(exc).__name__}). "
+            "A command may or may not have been sent: retry with the same Idempotency-Key"
+        },
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+    )
+
+
+def create_api(bus: MessageBus, config: Settings) -> FastAPI:
+    """The FastAPI app of the front door, sending through ``bus`` with the waits of ``config``."""
+    api = FastAPI(
+        title="postroom",
+        version="0.1.0",
+        summary="Commands and queries on the bus, behind plain HTTP.",
+        description=(
+            "`POST /assets` sends the `RegisterAsset` command and waits up to "
+            f"{config.api_reply_wait}s for its reply: 201 with the asset's Location if it comes, "
+            "202 with a `/commands/{correlation_id}` Location to poll if it does not. Send an "
+            "`Idempotency-Key` header to make a retried POST the same command."
+        ),
+    )
+
+    @api.middleware("http")
+    async def traced(request: Request, call_next: Any) -> Any:
+        """Each request is a span, parent of the spans of the commands and queries it sends."""
+        with tracing.serving(request.method, dict(request.headers)) as span:
+            response = await call_next(request)
+            route = request.scope.get("route")
+            span.update_name(f"{request.method} {getattr(route, 'path', request.url.path)}")
+            span.set_attribute("http.response.status_code", response.status_code)
+            return response
+
+    api.add_exception_handler(OperationalError, _broker_unreachable)
+    api.add_exception_handler(redis.exceptions.ConnectionError, _broker_unreachable)
+
+    @api.post(
+        "/assets",
+        status_code=status.HTTP_201_CREATED,
+        response_model=AssetCreated,
+        responses={
+            202: {"model": CommandAccepted, "description": "no reply yet: poll the Location"},
+            409: {"model": Reply, "description": "the assets service rejected the command"},
+            502: {"model": Reply, "description": "the command failed (its error names the type)"},
+        },
+    )
+    def register_asset(
+        body: NewAsset,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                min_length=1,
+                max_length=255,
+                description="a client-chosen key; the same key and body give the same result "
+                "however often they are sent (the body of a repeat is not compared)",
+            ),
+        ] = None,
+    ) -> JSONResponse:
+        """Register an asset: the RegisterAsset command, waited for briefly."""
+        command = RegisterAsset(**body.model_dump())
+        message_id = None
+        reply = None
+        if idempotency_key is not None:
+            message_id = message_id_for(idempotency_key, RegisterAsset)
+            # A repeat whose outcome is stored gets it without sending anything again.
+            reply = _stored_reply(bus, message_id)
+        if reply is None:
+            pending = bus.send(command, message_id=message_id)
+            try:
+                reply = pending.reply(timeout=config.api_reply_wait)
+            except ReplyTimeout:
+                return accepted(pending.correlation_id)
+        if not reply.ok:
+            return unsuccessful(reply)
+        created = AssetCreated.model_validate(reply.value)
+        return JSONResponse(
+            created.model_dump(mode="json"),
+            status_code=status.HTTP_201_CREATED,
+            headers={
+                "Location": f"/assets/{created.asset_id}",
+                "X-Correlation-ID": reply.correlation_id,
+            },
+        )
+
+    @api.get(
+        "/commands/{correlation_id}",
+        response_model=Reply,
+        responses={202: {"model": CommandAccepted, "description": "no reply yet"}},
+    )
+    def command_reply(correlation_id: uuid.UUID) -> Reply | JSONResponse:
+        """The reply of a command, or 202 pending while there is none.
+
+        An unknown correlation ID is pending too: a command still in its queue has left no trace
+        in the result backend yet, so the two cannot be told apart. A reply is kept for
+        POSTROOM_REPLY_TTL seconds; after that its command reads as pending for ever.
+        """
+        reply = _stored_reply(bus, str(correlation_id))
+        return accepted(str(correlation_id)) if reply is None else reply
+
+    @api.get(
+        "/assets/{asset_id}",
+        response_model=Asset,
+        responses={404: {"description": "no such asset"}, 504: {"description": "no reply"}},
+    )
+    def get_asset(asset_id: uuid.UUID) -> Any:
+        """One asset, by the GetAsset query to the assets service."""
+        reply = _ask(bus, GetAsset(asset_id=asset_id), config.api_query_timeout)
+        if reply.status == "rejected":  # GetAsset refuses exactly one way: no such asset
+            reason = reply.error.message if reply.error else f"asset {asset_id} does not exist"
+            raise HTTPException(status.HTTP_404_NOT_FOUND, reason)
+        if not reply.ok:
+            return unsuccessful(reply)
+        return reply.value
+
+    @api.get(
+        "/assets",
+        response_model=list[AssetMatch],
+        responses={504: {"description": "no reply"}},
+    )
+    def search_assets(
+        name: Annotated[
+            str,
+            QueryParam(
+                min_length=1,
+                max_length=200,
+                description="words the name must contain (whole words, any case)",
+            ),
+        ],
+    ) -> Any:
+        """Assets whose name contains every word of ``name``, from the search pool's index.
+
+        The index is fed by AssetRegistered events, so an asset appears here a moment after its
+        POST answered 201, not necessarily at once.
+        """
+        reply = _ask(bus, SearchAssets(text=name), config.api_query_timeout)
+        if not reply.ok:
+            return unsuccessful(reply)
+        return reply.value
+
+    return api
+
+
+api = create_api(MessageBus(celery_app, source="api"), settings)
+
+
+def main() -> None:
+    """``postroom api``: serve the front door on POSTROOM_API_HOST:POSTROOM_API_PORT."""
+    uvicorn.run(
+        api, host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower()
+    )
+
+
+if __name__ == "__main__":
+    main()
