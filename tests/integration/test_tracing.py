@@ -18,7 +18,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from config.pools import Pool, pool_named
@@ -82,15 +82,37 @@ def collector() -> Iterator[Collector]:
     server.shutdown()
 
 
+class _WhileCollecting(SpanProcessor):
+    """Exports this process's spans to the collector until the module ends, then drops them.
+
+    OpenTelemetry lets a process set its tracer provider once, so the provider outlives this
+    module: without the switch, every later test's sends would export synchronously to a
+    collector that is gone and wait out the exporter's retries each time.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self._export = SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces"))
+        self._open = True
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._open:
+            self._export.on_end(span)
+
+    def shutdown(self) -> None:
+        if self._open:
+            self._open = False
+            self._export.shutdown()
+
+
 @pytest.fixture(scope="module")
-def tracer(collector: Collector) -> trace.Tracer:
+def tracer(collector: Collector) -> Iterator[trace.Tracer]:
     """This test process plays the client (an HTTP front end, say), exporting to the collector."""
+    processor = _WhileCollecting(collector.endpoint)
     provider = TracerProvider()
-    provider.add_span_processor(
-        SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{collector.endpoint}/v1/traces"))
-    )
+    provider.add_span_processor(processor)
     trace.set_tracer_provider(provider)
-    return trace.get_tracer("tests")
+    yield trace.get_tracer("tests")
+    processor.shutdown()
 
 
 @pytest.fixture(scope="module")
