@@ -77,6 +77,15 @@ class BrokerContext:
     def key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
 
+    def queue_size(self, name: str) -> int:
+        """Messages ready in a queue (Redis forgets an empty list, so only RabbitMQ is asked
+        passively)."""
+        with self.app.connection_for_write() as conn:
+            ok = conn.default_channel.queue_declare(
+                queue=name, passive=self.kind == "rabbitmq", durable=True
+            )
+            return int(ok.message_count)
+
     def spawn_worker(self, pool: Pool) -> WorkerProcess:
         """Start a worker process for ``pool`` without waiting for it; it is stopped on close()."""
         log = self.workdir / f"{pool.name}-{len(self.workers)}.log"

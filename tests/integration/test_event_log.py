@@ -66,15 +66,6 @@ def runs(broker: BrokerContext, key: str) -> dict[str, int]:
     return {pool: int(n) for pool, n in counted.items()}
 
 
-def queue_size(broker: BrokerContext, name: str) -> int:
-    # Redis forgets an empty list, so only RabbitMQ can be asked passively.
-    with broker.app.connection_for_write() as conn:
-        ok = conn.default_channel.queue_declare(
-            queue=name, passive=broker.kind == "rabbitmq", durable=True
-        )
-        return int(ok.message_count)
-
-
 def queue_declared(broker: BrokerContext, pool: str) -> bool:
     name = event_queue_name(pool)
     with broker.app.connection_for_write() as conn:
@@ -262,11 +253,11 @@ def test_replay_goes_to_one_pool_only_and_its_inbox_skips_what_it_handled_unless
     out = events_cli(broker, "replay", "--pool", "pool_b", "--since", since)
     assert out.returncode == 0, out.stderr
     assert replayed_count(out.stdout) == 2
-    assert queue_size(broker, "events.pool_b") == 2
-    assert queue_size(broker, "events.pool_a") == queue_size(broker, "events.pool_c") == 0
+    assert broker.queue_size("events.pool_b") == 2
+    assert broker.queue_size("events.pool_a") == broker.queue_size("events.pool_c") == 0
     out = events_cli(broker, "replay", "--pool", "pool_b", "--type", HAPPENED)  # whole history
     assert replayed_count(out.stdout) >= 5
-    waiting = queue_size(broker, "events.pool_b")
+    waiting = broker.queue_size("events.pool_b")
     assert waiting == 2 + replayed_count(out.stdout)
     worker = broker.start_worker(pools["pool_b"])
     wait_for(lambda: succeeded(worker, "pool_b") >= waiting, timeout=60)  # each copy delivered...
@@ -335,7 +326,7 @@ def test_a_new_pool_is_bootstrapped_from_history_then_continues_live_with_one_ef
     wait_for(lambda: len(deliveries(broker, key, NEW_POOL)) >= len(published), timeout=180)
     again = events_cli(broker, "replay", "--pool", NEW_POOL)  # a second run changes nothing
     assert replayed_count(again.stdout) >= len(published)
-    wait_for(lambda: queue_size(broker, event_queue_name(NEW_POOL)) == 0, timeout=120)
+    wait_for(lambda: broker.queue_size(event_queue_name(NEW_POOL)) == 0, timeout=120)
     time.sleep(2.0)
     handled = deliveries(broker, key, NEW_POOL)
     assert len(handled) == len(set(handled)) == len(published)  # no duplicate
