@@ -20,7 +20,6 @@ from workers.launcher import (
     flower_env,
     flower_url,
     metrics_argv,
-    metrics_url,
     wait_for_api,
     wait_for_flower,
     wait_for_metrics,
@@ -68,8 +67,7 @@ def _up(args: argparse.Namespace) -> int:
             f"postroom: HTTP API at {api_url(settings)} (docs: {api_url(settings)}docs)", flush=True
         )
     if not args.no_metrics:
-        supervisor.start("metrics", metrics_argv())
-        print(f"postroom: Prometheus metrics at {metrics_url(settings)}", flush=True)
+        supervisor.start("metrics", metrics_argv())  # it says where it serves, once it does
     print(
         f"postroom: pools {', '.join(p.name for p in POOLS)} starting; Ctrl-C stops them all",
         flush=True,
