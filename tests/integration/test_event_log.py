@@ -34,20 +34,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
 HAPPENED, LOGGED = ProbeHappened.__message_type__, ProbeLogged.__message_type__
 
 
-@pytest.fixture(scope="module")
-def pools(broker: BrokerContext) -> dict[str, Pool]:
-    broker.start_worker(Pool("probe", ("commands.probe",), concurrency=1))
-    started = {name: Pool(name, ("events." + name,), concurrency=1) for name in POOLS}
-    for pool in started.values():
-        broker.start_worker(pool)
-    return started
-
-
-@pytest.fixture
-def bus(broker: BrokerContext, pools: dict[str, Pool]) -> MessageBus:
-    return MessageBus(broker.app, source="tests")
-
-
 def events_cli(broker: BrokerContext, *args: str) -> subprocess.CompletedProcess[str]:
     """``postroom events ...`` as a user runs it, in this test's broker context."""
     return subprocess.run(

@@ -16,20 +16,7 @@ from tests.integration.services import POOLS, EmitProbe, ProbeHappened
 from tests.support import BrokerContext, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(240)]
-
-
-@pytest.fixture(scope="module")
-def pools(broker: BrokerContext) -> dict[str, Pool]:
-    broker.start_worker(Pool("probe", ("commands.probe",), concurrency=2))
-    started = {name: Pool(name, ("events." + name,), concurrency=1) for name in POOLS}
-    for pool in started.values():
-        broker.start_worker(pool)
-    return started
-
-
-@pytest.fixture
-def bus(broker: BrokerContext, pools: dict[str, Pool]) -> MessageBus:
-    return MessageBus(broker.app, source="tests")
+PROBE_CONCURRENCY = 2
 
 
 def deliveries(broker: BrokerContext, key: str, pool: str) -> list[dict[str, object]]:
