@@ -19,14 +19,15 @@ from celery.signals import after_setup_logger, after_setup_task_logger, task_pos
 from config.settings import Settings
 from postroom.tracing import EnvelopeFilter, log_context_end, log_context_start
 
-_configured: set[str] = set()
+_configured = False
 
 
 def configure(settings: Settings) -> None:
     """Once per process: the tracer provider, and how Celery's log handlers format records."""
-    if "done" in _configured:
+    global _configured  # noqa: PLW0603 - once per process, whoever creates an app first
+    if _configured:
         return
-    _configured.add("done")
+    _configured = True
     if settings.tracing:
         _tracing(settings)
     task_prerun.connect(log_context_start, weak=False)
