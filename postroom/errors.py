@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "ConfigurationError",
     "ContractError",
     "DuplicateHandler",
     "FailedReply",
@@ -26,6 +27,10 @@ __all__ = [
 
 class PostroomError(Exception):
     """Root of every error postroom raises on purpose."""
+
+
+class ConfigurationError(PostroomError, ValueError):
+    """A setting has a value it cannot take; the message names the variable and what it means."""
 
 
 class ContractError(PostroomError, TypeError):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from postroom.errors import InvalidMessage
 
@@ -106,36 +108,81 @@ class Envelope:
     @classmethod
     def from_headers(cls, headers: dict[str, Any] | None) -> Envelope:
         """Read and check the envelope of a received message; raise InvalidMessage if it is not one."""
-        headers = headers or {}
-        missing = [
-            PREFIX + f.name
-            for f in fields(cls)
-            if PREFIX + f.name not in headers and f.name != "causation_id"
-        ]
-        if missing:
-            raise InvalidMessage(
-                f"message is missing the postroom header(s) {', '.join(missing)}: "
-                "send it through postroom's bus so the envelope is set"
-            )
-        values = {f.name: headers.get(PREFIX + f.name) for f in fields(cls)}
-        for name in ("message_id", "correlation_id", "causation_id"):
-            value = values[name]
-            if value is None and name == "causation_id":
-                continue
-            try:
-                uuid.UUID(str(value))
-            except ValueError:
-                raise InvalidMessage(f"header {PREFIX}{name} is not a UUID: {value!r}") from None
-        version = values["version"]
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise InvalidMessage(f"header {PREFIX}version is not a positive integer: {version!r}")
-        for name in ("message_type", "source", "created_at"):
-            if not isinstance(values[name], str) or not values[name]:
-                raise InvalidMessage(f"header {PREFIX}{name} is not a non-empty string")
         try:
-            datetime.fromisoformat(str(values["created_at"]))
-        except ValueError:
-            raise InvalidMessage(
-                f"header {PREFIX}created_at is not an ISO 8601 time: {values['created_at']!r}"
-            ) from None
-        return cls(**values)  # type: ignore[arg-type]  # each value was checked above
+            checked = _EnvelopeHeaders.model_validate(headers or {})
+        except ValidationError as error:
+            raise InvalidMessage(_explain(error)) from None
+        return cls(
+            message_id=checked.message_id,
+            correlation_id=checked.correlation_id,
+            causation_id=checked.causation_id,
+            message_type=checked.message_type,
+            version=checked.version,
+            source=checked.source,
+            created_at=checked.created_at,
+        )
+
+
+def _uuid(value: str) -> str:
+    uuid.UUID(value)  # kept as sent: an ID is compared as the string its sender chose
+    return value
+
+
+def _iso_8601(value: str) -> str:
+    datetime.fromisoformat(value)
+    return value
+
+
+_Uuid = Annotated[str, Strict(), AfterValidator(_uuid)]
+_Text = Annotated[str, Strict(), Field(min_length=1)]
+
+
+class _EnvelopeHeaders(BaseModel):
+    """The envelope's headers as received, each checked; a field's description is what it must be.
+
+    Built once at import, so a received message costs one validation pass in pydantic-core; other
+    headers (Celery's own) are ignored. ``strict`` refuses what a sender got wrong instead of
+    converting it: a version of ``"1"`` or ``True`` is a bug upstream, not a version.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    message_id: _Uuid = Field(validation_alias=MESSAGE_ID, description="a UUID")
+    correlation_id: _Uuid = Field(validation_alias=CORRELATION_ID, description="a UUID")
+    causation_id: _Uuid | None = Field(None, validation_alias=CAUSATION_ID, description="a UUID")
+    message_type: _Text = Field(validation_alias=MESSAGE_TYPE, description="a non-empty string")
+    version: Annotated[int, Strict(), Field(gt=0)] = Field(
+        validation_alias=VERSION, description="a positive integer"
+    )
+    source: _Text = Field(validation_alias=SOURCE, description="a non-empty string")
+    created_at: Annotated[str, Strict(), AfterValidator(_iso_8601)] = Field(
+        validation_alias=CREATED_AT, description="an ISO 8601 time"
+    )
+
+
+#: what each header must be, by header name
+_MUST_BE = {str(f.validation_alias): f.description for f in _EnvelopeHeaders.model_fields.values()}
+
+
+def _explain(error: ValidationError) -> str:
+    """Every missing header in one sentence, then each malformed one with what it must be."""
+    missing: list[str] = []
+    malformed: dict[str, str] = {}
+    for detail in error.errors(include_url=False):
+        name = str(detail["loc"][0]) if detail["loc"] else "headers"
+        if detail["type"] == "missing":
+            missing.append(name)
+        elif name in _MUST_BE:
+            malformed.setdefault(
+                name, f"header {name} is not {_MUST_BE[name]}: {detail['input']!r}"
+            )
+        else:  # the headers themselves are not a mapping
+            malformed.setdefault(name, f"message headers are not a mapping: {detail['input']!r}")
+    problems = list(malformed.values())
+    if missing:
+        problems.insert(
+            0,
+            f"message is missing the postroom header(s) {', '.join(missing)}: "
+            "send it through postroom's bus so the envelope is set",
+        )
+    return "; ".join(problems)

@@ -42,10 +42,13 @@ def test_missing_headers_are_named() -> None:
     [
         ("message_id", "not-a-uuid", "not a UUID"),
         ("correlation_id", 7, "not a UUID"),
+        ("causation_id", "", "not a UUID"),
         ("version", "1", "not a positive integer"),
         ("version", True, "not a positive integer"),
         ("version", 0, "not a positive integer"),
+        ("version", 1.0, "not a positive integer"),
         ("message_type", "", "non-empty string"),
+        ("source", None, "non-empty string"),
         ("created_at", "yesterday", "ISO 8601"),
     ],
 )
@@ -54,5 +57,36 @@ def test_malformed_headers_are_refused_with_the_reason(
 ) -> None:
     headers = Envelope.new("a.B", 1, source="x").to_headers()
     headers[PREFIX + name] = value
-    with pytest.raises(InvalidMessage, match=reason):
+    with pytest.raises(InvalidMessage, match=rf"header postroom\.{name} is .*{reason}"):
         Envelope.from_headers(headers)
+
+
+def test_other_headers_are_left_alone() -> None:
+    env = Envelope.new("a.B", 1, source="x")
+    assert Envelope.from_headers({**env.to_headers(), "task": "celery.whatever"}) == env
+
+
+def test_a_message_without_a_cause_reads_as_having_none() -> None:
+    headers = Envelope.new("a.B", 1, source="x", causation_id=uuid7()).to_headers()
+    del headers[PREFIX + "causation_id"]
+    assert Envelope.from_headers(headers).causation_id is None
+
+
+def test_ids_are_kept_as_their_sender_wrote_them() -> None:
+    headers = Envelope.new("a.B", 1, source="x").to_headers()
+    headers[PREFIX + "message_id"] = shouted = uuid7().upper()
+    assert Envelope.from_headers(headers).message_id == shouted
+
+
+def test_headers_without_any_envelope_say_how_to_send_one() -> None:
+    with pytest.raises(InvalidMessage, match="send it through postroom's bus"):
+        Envelope.from_headers(None)
+
+
+def test_every_malformed_header_is_named_at_once() -> None:
+    headers = Envelope.new("a.B", 1, source="x").to_headers()
+    headers[PREFIX + "version"], headers[PREFIX + "source"] = 0, ""
+    with pytest.raises(InvalidMessage) as raised:
+        Envelope.from_headers(headers)
+    assert "postroom.version is not a positive integer: 0" in str(raised.value)
+    assert "postroom.source is not a non-empty string: ''" in str(raised.value)

@@ -1,0 +1,271 @@
+"""Every setting of a postroom deployment, read once from POSTROOM_* environment variables.
+
+Each field names its variable, its default and what it means; the README's settings table lists
+the same (a test keeps them in step). Every process of a deployment must read the same values:
+the visibility timeout in particular is a property of the broker connection, not of one worker.
+
+pydantic-settings reads and converts the variables (a boolean reads ``false``, ``0``, ``no`` and
+``off`` as False); this module only words its errors for a person and keeps secrets out of reprs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from postroom.errors import ConfigurationError
+
+__all__ = ["Settings", "documented", "env_name"]
+
+PREFIX = "POSTROOM_"
+
+#: the variables Settings.from_env(environ) was given, read instead of os.environ
+_environ: ContextVar[Mapping[str, str] | None] = ContextVar(
+    "postroom_settings_environ", default=None
+)
+
+
+class Settings(BaseSettings):
+    """One typed object holding every POSTROOM_* variable; build it with ``Settings()``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, case_sensitive=False, frozen=True, extra="ignore"
+    )
+
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="broker; `amqp://guest:guest@127.0.0.1:5672//` for RabbitMQ",
+    )
+    result_backend: str = Field(
+        "redis://127.0.0.1:6379/1",
+        description="where replies are stored, keyed by correlation ID (Redis)",
+    )
+    state_url: str = Field(
+        "",
+        description="Redis where the reference services keep their state; empty: the result backend's",
+    )
+    namespace: str = Field(
+        "postroom",
+        description="prefix of every Redis key postroom writes: broker queues (on Redis) and service state",
+    )
+    visibility_timeout: int = Field(
+        600,
+        description="seconds before Redis redelivers an unacknowledged message; must exceed the longest "
+        "handler run plus the longest retry delay",
+    )
+    restore_interval: int = Field(
+        10,
+        description="Redis only: seconds between the sweeps that give expired unacknowledged messages back "
+        "(kombu's default is about 100 s)",
+    )
+    inbox_retention: int = Field(
+        604800,
+        description="seconds a consumer remembers a handled message ID (and a command's reply) to drop repeats",
+    )
+    event_log_url: str = Field(
+        "",
+        description="Redis holding the event log (a stream, Redis 6.2+); empty: the state Redis "
+        "(`POSTROOM_STATE_URL`)",
+    )
+    event_log_retention: int = Field(
+        2592000,
+        description="seconds a published event stays in the event log, to be shown and replayed (30 days)",
+    )
+    poison_after: int = Field(
+        3,
+        description="deliveries that kill their worker before a message is dead-lettered as poison",
+    )
+    max_retries: int = Field(
+        5,
+        description="retries of a transient failure before the reply says failed (attempts = this + 1)",
+    )
+    retry_backoff: float = Field(
+        1.0, description="seconds before the first retry; doubles each time, with jitter"
+    )
+    retry_backoff_max: float = Field(
+        60.0, description="longest delay between two retries, in seconds"
+    )
+    reply_ttl: int = Field(86400, description="seconds a reply is kept in the result backend")
+    imports: str = Field(
+        "", description="comma-separated extra modules holding handlers, imported by every worker"
+    )
+    flower_address: str = Field("127.0.0.1", description="address Flower listens on")
+    flower_port: int = Field(
+        5555, description="Flower's port for `postroom up` / `postroom flower`"
+    )
+    flower_basic_auth: str = Field(
+        "",
+        description="`user:password`; when set, Flower refuses requests without these credentials",
+    )
+    task_sent_events: bool = Field(
+        True,
+        description="send a task-sent event for each command, so Flower lists it from the moment it "
+        "is sent; false saves one broker round trip per send",
+    )
+    metrics_address: str = Field(
+        "127.0.0.1", description="address the Prometheus exporter (`postroom metrics`) listens on"
+    )
+    metrics_port: int = Field(
+        9808, description="the Prometheus exporter's port for `postroom up` / `postroom metrics`"
+    )
+    signing_keys: str = Field(
+        "",
+        description="comma-separated secrets; when set, messages are signed (HMAC-SHA256) with the first and "
+        "checked against all, and unsigned or tampered ones are dead-lettered",
+    )
+    partitions: int = Field(
+        4,
+        description="partition queues per service whose contracts declare a partition key; senders and "
+        "workers must agree",
+    )
+    partition_lease: int = Field(
+        10,
+        description="seconds before a crashed worker's partition queues are taken over by the others",
+    )
+    log_level: str = Field("INFO", description="log level of workers and Flower")
+    log_format: str = Field(
+        "json",
+        description="`json`: one JSON object per log line, with the handled message's message_id, "
+        "correlation_id and causation_id; `text`: Celery's usual lines",
+    )
+    tracing: str = Field(
+        "",
+        description="where OpenTelemetry spans go: empty (nowhere), `console`, or `otlp` (OTLP/HTTP to "
+        "`OTEL_EXPORTER_OTLP_ENDPOINT`, default http://localhost:4318)",
+    )
+    api_host: str = Field(
+        "127.0.0.1", description="address the HTTP API (`postroom api`) listens on"
+    )
+    api_port: int = Field(
+        8000, description="the HTTP API's port for `postroom up` / `postroom api`"
+    )
+    api_reply_wait: float = Field(
+        2.0,
+        description="seconds `POST /assets` waits for the command's reply before answering 202 Accepted "
+        "with a `/commands/{correlation_id}` to poll; 0 answers 202 at once",
+    )
+    api_query_timeout: float = Field(
+        10.0,
+        description="seconds a `GET` of the HTTP API waits for its query's reply before answering "
+        "504 Gateway Timeout",
+    )
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise ConfigurationError(_explain(error)) from None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings read from ``environ`` instead of ``os.environ`` (the default)."""
+        token = _environ.set(environ)
+        try:
+            return cls()
+        finally:
+            _environ.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        environ = _environ.get()
+        if environ is not None:
+            env_settings = _MappingSource(settings_cls, environ)
+        return init_settings, env_settings
+
+    @property
+    def state(self) -> str:
+        return self.state_url or self.result_backend
+
+    @property
+    def event_log(self) -> str:
+        return self.event_log_url or self.state
+
+    @property
+    def broker_is_redis(self) -> bool:
+        return self.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
+
+    @property
+    def extra_imports(self) -> list[str]:
+        return [name.strip() for name in self.imports.split(",") if name.strip()]
+
+    @property
+    def signing_key_list(self) -> list[str]:
+        return [k.strip() for k in self.signing_keys.split(",") if k.strip()]
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """What repr() and str() show: every field, with no password or key in it."""
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name.endswith(("_url", "_backend")):
+                value = maybe_sanitize_url(value)
+            elif name == "flower_basic_auth" and value:
+                value = value.split(":", 1)[0] + ":**"
+            elif name == "signing_keys" and value:
+                value = f"<{len(self.signing_key_list)} key(s)>"
+            yield name, value
+
+
+class _MappingSource(EnvSettingsSource):
+    """pydantic-settings' own environment source, reading a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._given = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # the hook pydantic-settings' own DotEnvSettingsSource overrides; names compare in lower
+        # case because the settings are case-insensitive (as on os.environ)
+        return {name.lower(): value for name, value in self._given.items()}
+
+
+def _explain(error: ValidationError) -> str:
+    """Each bad variable: its name, the value given and what the setting means."""
+    problems = []
+    for detail in error.errors(include_url=False):
+        name = str(detail["loc"][0]) if detail["loc"] else ""
+        field = Settings.model_fields.get(name)
+        if field is None:
+            problems.append(detail["msg"])
+            continue
+        kind = getattr(field.annotation, "__name__", str(field.annotation))
+        if kind == "bool":
+            kind = "bool (true/false, 1/0, yes/no, on/off)"
+        problems.append(
+            f"{env_name(name)}={detail['input']!r} is not a valid {kind}: {field.description}"
+        )
+    return "; ".join(problems)
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a setting: ``max_retries`` is read from POSTROOM_MAX_RETRIES."""
+    return f"{PREFIX}{field_name.upper()}"
+
+
+def _shown(default: Any) -> str:
+    # a boolean is documented as it is written in the environment
+    return str(default).lower() if isinstance(default, bool) else str(default)
+
+
+def documented() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting, in declaration order."""
+    return [
+        (env_name(name), _shown(field.default), field.description or "")
+        for name, field in Settings.model_fields.items()
+    ]
