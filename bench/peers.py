@@ -15,8 +15,8 @@ from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
 
 from bench.services import done_counter
-from config.celery import delivery_settings, monitoring_settings
 from config.settings import settings
+from postroom.install import delivery_settings, monitoring_settings
 
 _state = redis.Redis.from_url(settings.state)
 
@@ -27,7 +27,7 @@ def _count(system: str) -> None:
 
 celery_app = Celery("bare", broker=settings.broker_url, backend=settings.result_backend)
 celery_app.conf.update(
-    **delivery_settings(settings), **monitoring_settings(), task_default_queue="bench.bare"
+    **delivery_settings(settings), **monitoring_settings(settings), task_default_queue="bench.bare"
 )
 
 

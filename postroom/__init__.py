@@ -5,6 +5,7 @@ from postroom.errors import (
     ContractError,
     DuplicateHandler,
     InvalidMessage,
+    NotInstalled,
     PostroomError,
     Rejected,
     ReplyTimeout,
@@ -12,24 +13,31 @@ from postroom.errors import (
     UnknownMessageType,
     WrongMessageKind,
 )
-from postroom.handlers import HandlerContext, RetryPolicy, handles
+from postroom.handlers import handles, subscribes
 from postroom.headers import Envelope, uuid7
+from postroom.install import Installation, install, installation
 from postroom.messages import Command, ErrorInfo, Event, Query, Reply, upcaster
-from postroom.subscribers import subscribes
+from postroom.pipeline import Delivery, HandlerContext, Outcome, Step
+from postroom.retries import RetryPolicy
+from postroom.settings import Settings
 
-#: the bus of Celery's current app: import your deployment's config module first
+#: the bus of Celery's current app, which must have postroom installed (import your config first)
 bus = MessageBus()
 
 __all__ = [
     "Command",
     "ContractError",
+    "Delivery",
     "DuplicateHandler",
     "Envelope",
     "ErrorInfo",
     "Event",
     "HandlerContext",
+    "Installation",
     "InvalidMessage",
     "MessageBus",
+    "NotInstalled",
+    "Outcome",
     "PendingReply",
     "PostroomError",
     "Query",
@@ -37,11 +45,15 @@ __all__ = [
     "Reply",
     "ReplyTimeout",
     "RetryPolicy",
+    "Settings",
+    "Step",
     "TransientError",
     "UnknownMessageType",
     "WrongMessageKind",
     "bus",
     "handles",
+    "install",
+    "installation",
     "subscribes",
     "upcaster",
     "uuid7",

@@ -18,14 +18,21 @@ from celery.utils.nodenames import anon_nodename
 from kombu import Queue
 
 from postroom import tracing
+from postroom._celery.wire import (
+    bound_queues,
+    event_message,
+    gc_paused,
+    publish_many,
+    task_message,
+)
 from postroom.errors import ReplyTimeout, Unsuccessful, WrongMessageKind
 from postroom.eventlog import event_log
 from postroom.headers import Envelope, uuid7
+from postroom.install import installation
 from postroom.messages import Command, ErrorInfo, Event, Query, Reply
 from postroom.partitions import partition_count, partition_of
 from postroom.signing import SIGNATURE, Signer, signer
 from postroom.topology import EVENTS_EXCHANGE, command_queue, partition_queue, queue_named
-from postroom.wire import event_message, gc_paused, publish_many, task_message
 
 _SENDABLE = (Command, Query)
 
@@ -80,7 +87,11 @@ class MessageBus:
 
     @property
     def app(self) -> celery.Celery:
-        return self._app if self._app is not None else current_app
+        """The bound app, or Celery's current one; NotInstalled unless postroom is installed on
+        it, so a forgotten ``import config`` fails here instead of sending to Celery's defaults."""
+        app = self._app if self._app is not None else current_app
+        installation(app)
+        return app
 
     def send(
         self,
@@ -98,10 +109,12 @@ class MessageBus:
         the same message: the owner runs it once, and without a correlation ID of its own the
         reply is stored under the message ID, so the resend finds it.
         """
+        _check_sendable(command)
+        app = self.app
         pending, payload, headers, queue = self._prepare(
-            command, correlation_id, causation_id, signer(self.app), message_id
+            app, command, correlation_id, causation_id, signer(app), message_id=message_id
         )
-        self.app.send_task(
+        app.send_task(
             pending.envelope.message_type,
             kwargs=payload,
             task_id=pending.correlation_id,
@@ -120,10 +133,12 @@ class MessageBus:
         ``send``, no task-sent event goes to Flower per command: Flower lists them when a worker
         receives them.
         """
+        for command in commands:
+            _check_sendable(command)
         with gc_paused():
             app = self.app
             sign = signer(app)
-            prepared = [self._prepare(command, None, None, sign) for command in commands]
+            prepared = [self._prepare(app, command, None, None, sign) for command in commands]
             origin = anon_nodename()
             messages = [
                 (
@@ -148,19 +163,14 @@ class MessageBus:
 
     def _prepare(
         self,
+        app: celery.Celery,
         command: Command | Query,
         correlation_id: str | None,
         causation_id: str | None,
         sign: Signer | None,
+        *,
         message_id: str | None = None,
     ) -> tuple[PendingReply, dict[str, Any], dict[str, Any], Queue]:
-        if not isinstance(command, _SENDABLE):
-            hint = (
-                "events are broadcast: use bus.publish(event)"
-                if isinstance(command, Event)
-                else ("build a Command or Query contract first")
-            )
-            raise WrongMessageKind(f"bus.send() takes a Command or Query, not {command!r}: {hint}")
         contract = type(command)
         envelope = Envelope.new(
             contract.__message_type__,
@@ -171,8 +181,8 @@ class MessageBus:
             message_id=message_id,
         )
         payload = command.payload()
-        queue = route(self.app, command)
-        pending = PendingReply(self.app, envelope, queue.name)
+        queue = route(app, command)
+        pending = PendingReply(app, envelope, queue.name)
         return pending, payload, _headers(envelope, payload, sign), queue
 
     def ask(self, query: Query, *, timeout: float | None = 30.0) -> Reply:
@@ -229,11 +239,7 @@ class MessageBus:
         with app.producer_or_acquire() as producer:
             if producer.connection.transport.driver_type == "redis":
                 # One copy per bound pool queue, addressed to that queue alone (see topology).
-                bound = [
-                    queue
-                    for routing_key, _, queue in producer.channel.get_table(EVENTS_EXCHANGE.name)
-                    if routing_key == message_type
-                ]
+                bound = bound_queues(producer, EVENTS_EXCHANGE.name, message_type)
                 message = event_message(app, envelope, payload, headers)
                 publish_many(producer, [(queue_named(queue), message) for queue in bound])
             else:
@@ -257,6 +263,16 @@ class MessageBus:
                     headers=headers,
                 )
         return envelope.message_id
+
+
+def _check_sendable(command: object) -> None:
+    if not isinstance(command, _SENDABLE):
+        hint = (
+            "events are broadcast: use bus.publish(event)"
+            if isinstance(command, Event)
+            else "build a Command or Query contract first"
+        )
+        raise WrongMessageKind(f"bus.send() takes a Command or Query, not {command!r}: {hint}")
 
 
 def _headers(

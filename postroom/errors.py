@@ -14,6 +14,7 @@ __all__ = [
     "DuplicateHandler",
     "FailedReply",
     "InvalidMessage",
+    "NotInstalled",
     "PostroomError",
     "Rejected",
     "RejectedReply",
@@ -103,3 +104,7 @@ class AlreadyHandled(PostroomError):
     Raised inside a handling (never to a user's code path on purpose): two copies of one message
     can run at once, after a redelivery or a duplicate send, and both pass the inbox check.
     """
+
+
+class NotInstalled(PostroomError, RuntimeError):
+    """The Celery app was never given postroom.install(app, settings); nothing would be routed."""

@@ -230,12 +230,10 @@ def _decode(entry_id: str, entry: Mapping[str, str]) -> LoggedEvent:
 
 
 def event_log(app: Any) -> EventStore:
-    """The app's event log; by default a Redis Stream in the result backend's Redis."""
-    configured = app.conf.get("postroom_event_log")
-    if not isinstance(configured, EventStore):
-        configured = app.conf.postroom_event_log = RedisStreamStore(app.conf.result_backend)
-    store: EventStore = configured
-    return store
+    """The app's event log (a Redis Stream unless ``install`` was given another EventStore)."""
+    from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+    return installation(app).event_log
 
 
 def parse_since(text: str, now: float | None = None) -> datetime:

@@ -22,21 +22,15 @@ to the queue would let the messages behind it overtake it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import redis
-from celery import bootsteps
-from celery.worker import state as worker_state
 
-from postroom.registry import registry
-from postroom.reliability import reliability
-from postroom.topology import command_queue_name, partition_queue_name
+from postroom.topology import partition_queue_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +46,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-#: put one unacknowledged message back at the head of its queue, unless someone else already did
-_RESTORE = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
-    redis.call('ZREM', KEYS[2], ARGV[1])
-    redis.call('RPUSH', KEYS[3], ARGV[2])
-    return 1
-end
-return 0
-"""
 
 
 def partition_of(value: object, partitions: int) -> int:
@@ -73,8 +58,9 @@ def partition_of(value: object, partitions: int) -> int:
 
 
 def partition_count(app: Any) -> int:
-    count = app.conf.get("postroom_partitions") or 4
-    return int(count)
+    from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+    return installation(app).settings.partitions
 
 
 class LeaseBoard:
@@ -117,44 +103,31 @@ class LeaseBoard:
         return None if value is None else str(value)
 
 
-def restore_orphans(client: redis.Redis, keyprefix: str, queue: str) -> int:
-    """Put a crashed consumer's unacknowledged messages of ``queue`` back at its head, oldest
-    first; the number restored.
+class WorkerHooks(Protocol):
+    """What a leaser asks of the worker it runs in (postroom._celery.bootsteps gives Celery's)."""
 
-    kombu keeps each delivered-but-unacknowledged message in a hash, with its delivery time in
-    a sorted set, until the consumer acknowledges it. Only the previous lease holder consumed
-    this queue, so every entry for it here is that holder's.
-    """
-    unacked, index = keyprefix + "unacked", keyprefix + "unacked_index"
-    orphans = []
-    for tag, raw in client.hscan_iter(unacked, count=500):
-        message, _exchange, routing_key = json.loads(raw)
-        if routing_key == queue:
-            orphans.append((client.zscore(index, tag) or 0.0, tag, message))
-    restore = client.register_script(_RESTORE)
-    restored = 0
-    # RPUSH puts a message where BRPOP takes the next one from: newest first, so the oldest is
-    # taken first.
-    for _score, tag, message in sorted(orphans, key=lambda o: o[0], reverse=True):
-        restored += int(
-            restore(keys=[unacked, index, keyprefix + queue], args=[tag, json.dumps(message)])
-        )
-    return restored
+    def consume(self, queue: str, on: bool) -> None:
+        """Start or stop taking messages from ``queue``."""
+
+    def in_hand(self, queue: str) -> bool:
+        """Whether a message of ``queue`` is running or reserved here."""
+
+    def restore(self, queue: str) -> int:
+        """Put a crashed consumer's unacknowledged messages of ``queue`` back at its head."""
 
 
 class PartitionLeaser(threading.Thread):
     """Keeps this worker's fair share of one service's partition queues, and only those."""
 
-    def __init__(self, consumer: Any, service: str, partitions: int, board: LeaseBoard, *,
-                 period: float, restore: Any) -> None:  # fmt: skip
+    def __init__(self, member: str, service: str, partitions: int, board: LeaseBoard, *,
+                 period: float, worker: WorkerHooks) -> None:  # fmt: skip
         super().__init__(name=f"postroom-partitions-{service}", daemon=True)
-        self.consumer = consumer
+        self.worker = worker
         self.service = service
         self.partitions = partitions
         self.board = board
         self.period = period
-        self.restore = restore
-        self.member = consumer.hostname
+        self.member = member
         self.held: set[int] = set()
         self._stop = threading.Event()
 
@@ -187,7 +160,7 @@ class PartitionLeaser(threading.Thread):
                 break
             partition = (start + offset) % self.partitions
             if partition not in self.held and self.board.acquire(partition, self.member):
-                restored = self.restore(self.queue(partition))
+                restored = self.worker.restore(self.queue(partition))
                 if restored:
                     logger.warning("put %d message(s) of a crashed consumer back at the head of %s",
                                    restored, self.queue(partition))  # fmt: skip
@@ -198,18 +171,14 @@ class PartitionLeaser(threading.Thread):
         """Stop taking from the queue, let the message in hand finish, then free the lease."""
         self._consume(partition, False)
         queue = self.queue(partition)
-        while any(_queue_of(r) == queue for r in _in_hand()) and not self._stop.is_set():
+        while self.worker.in_hand(queue) and not self._stop.is_set():
             time.sleep(0.05)
         self.held.discard(partition)
         self.board.release(partition, self.member)
         logger.info("gave %s back for another worker", queue)
 
     def _consume(self, partition: int, on: bool) -> None:
-        c = self.consumer
-        if on:
-            c.call_soon(c.add_task_queue, self.queue(partition))
-        else:
-            c.call_soon(c.cancel_task_queue, self.queue(partition))
+        self.worker.consume(self.queue(partition), on)
 
     def stop(self) -> None:
         """On shutdown: leases are freed for the other workers (a crash lets them expire instead)."""
@@ -218,64 +187,3 @@ class PartitionLeaser(threading.Thread):
             self.board.release(partition, self.member)
         self.held.clear()
         self.board.leave(self.member)
-
-
-def _in_hand() -> Iterable[Any]:
-    return [*worker_state.active_requests, *worker_state.reserved_requests]
-
-
-def _queue_of(request: Any) -> str | None:
-    info = getattr(request, "delivery_info", None) or {}
-    return info.get("routing_key")
-
-
-class PartitionLeasing(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer bootstep: a worker consuming a partitioned service's command queue also takes
-    its share of that service's partition queues, and only runs one message at a time."""
-
-    requires = ("celery.worker.consumer.tasks:Tasks",)
-
-    def __init__(self, parent: Any, **kwargs: Any) -> None:
-        super().__init__(parent, **kwargs)
-        self.leasers: list[PartitionLeaser] = []
-
-    def start(self, c: Any) -> None:
-        app = c.app
-        consumed = set(app.amqp.queues.consume_from or {})
-        services = [s for s in registry.partitioned_services() if command_queue_name(s) in consumed]
-        if not services:
-            return
-        if c.controller.concurrency != 1 or (c.initial_prefetch_count or 1) > 1:
-            raise RuntimeError(
-                f"{', '.join(services)} keep(s) messages in order by partition key, which needs "
-                "one message at a time per worker: start this worker with -c 1 and "
-                "--prefetch-multiplier 1 (run more workers to handle more partitions at once)"
-            )
-        state = reliability(app)
-        ttl = float(app.conf.get("postroom_partition_lease") or 10)
-        restore = _restorer(app)
-        for service in services:
-            board = LeaseBoard(state.client, state.namespace, service, ttl)
-            leaser = PartitionLeaser(
-                c, service, partition_count(app), board, period=ttl / 4, restore=restore
-            )
-            self.leasers.append(leaser)
-            leaser.start()
-
-    def stop(self, c: Any) -> None:
-        for leaser in self.leasers:
-            leaser.stop()
-            for partition in range(leaser.partitions):
-                c.app.amqp.queues.deselect(leaser.queue(partition))
-        self.leasers.clear()
-
-    shutdown = stop
-
-
-def _restorer(app: Any) -> Any:
-    """How to give a crashed consumer's messages back: on Redis by hand; RabbitMQ does it itself."""
-    if not app.conf.broker_url.startswith(("redis://", "rediss://")):
-        return lambda queue: 0
-    client = redis.Redis.from_url(app.conf.broker_url)
-    keyprefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
-    return lambda queue: restore_orphans(client, keyprefix, queue)

@@ -20,13 +20,8 @@ from functools import cached_property
 from typing import Any
 
 import redis
-from celery.utils.log import get_logger
-from celery.worker.consumer import Consumer
-from kombu.exceptions import ContentDisallowed
 
 from postroom.headers import uuid7
-
-logger = get_logger(__name__)
 
 
 def derived_id(parent: str, n: int) -> str:
@@ -68,11 +63,10 @@ class Reliability:
 
 
 def reliability(app: Any) -> Reliability:
-    """The app's inbox and dead-letter store; by default in the result backend's Redis."""
-    configured = app.conf.get("postroom_reliability")
-    if not isinstance(configured, Reliability):
-        configured = app.conf.postroom_reliability = Reliability(redis_url=app.conf.result_backend)
-    return configured
+    """The app's inbox and dead-letter store (postroom.install puts them there)."""
+    from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+    return installation(app).reliability
 
 
 _BEGIN = """
@@ -131,6 +125,17 @@ class Inbox:
             ex=self.config.inbox_retention,
         )
         pipe.delete(self._key("runs", owner, message_id))
+
+    def transaction(self) -> Any:
+        """A pipeline a handler queues its writes on; applied by ``settle``, never executed."""
+        return self.client.pipeline(transaction=False)
+
+    def settle(self, tx: Any, owner: str, message_ids: list[str], outcome: dict[str, Any]) -> bool:
+        """Mark every ID handled, with the writes queued on ``tx`` (if any), in one atomic step."""
+        tx = self.transaction() if tx is None else tx
+        for message_id in message_ids:
+            self.mark(tx, owner, message_id, outcome)
+        return self.commit(tx, owner, message_ids[0])
 
     def done_key(self, owner: str, message_id: str) -> str:
         return self._key("done", owner, message_id)
@@ -248,148 +253,6 @@ class DeadLetters:
 
     def __len__(self) -> int:
         return int(self.client.zcard(self._index))
-
-
-class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
-    """Celery's consumer, but a message it cannot even turn into a task is dead-lettered first.
-
-    Celery logs and drops a message it cannot decode (bad JSON, a refused content type such as
-    pickle), one of no known format, or one naming an unknown task. postroom keeps each, with the
-    reason, before Celery acknowledges it, so the worker keeps running and nothing is lost.
-    """
-
-    def _dead_letter_raw(self, message: Any, reason: str, exc: BaseException | None) -> None:
-        try:
-            headers = dict(message.headers or {})
-            body, encoding = DeadLetter.raw_body(message.body)
-            info = message.delivery_info or {}
-            letter = DeadLetter(
-                reason=reason,
-                error_type=type(exc).__name__ if exc else "UnknownMessage",
-                error_message=str(exc) if exc else "not a Celery task message",
-                queue=info.get("routing_key") or "",
-                exchange=info.get("exchange") or "",
-                task=str(headers.get("task", "")),
-                task_id=str(headers.get("id", "")),
-                headers=headers,
-                body=body,
-                body_encoding=encoding,
-                content_type=message.content_type or "",
-                content_encoding=message.content_encoding or "",
-            )
-            reliability(self.app).dead_letters.add(letter)
-        except Exception:
-            logger.exception(
-                "could not dead-letter a %s message; Celery's log has its body", reason
-            )
-
-    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
-        """Celery's handler, behind a check that the message is a well-formed protocol-2 task.
-
-        Celery assumes the shape of what it receives: a body that is not ``[args, kwargs, embed]``
-        or a header of the wrong type raises inside its consumer, which stops the worker, or
-        inside the pool, where no dead letter is written. Such a message is dead-lettered here.
-        """
-        on_task_received = super().create_task_handler(*args, **kwargs)
-
-        def guarded(message: Any) -> Any:
-            error: BaseException
-            try:
-                check_shape(message, self.app.conf.accept_content)
-                return on_task_received(message)
-            except MalformedMessage as exc:
-                reason, error = exc.reason, exc
-            except self.connection_errors:
-                raise  # the broker's trouble, not the message's: Celery reconnects
-            except Exception as exc:  # the last line: whatever Celery chokes on, never stop
-                reason, error = "invalid", exc
-            self._dead_letter_raw(message, reason, error)
-            message.reject_log_error(logger, self.connection_errors)
-            return None
-
-        return guarded
-
-    def on_decode_error(self, message: Any, exc: BaseException) -> None:
-        self._dead_letter_raw(message, "undecodable", exc)
-        super().on_decode_error(message, exc)
-
-    def on_unknown_message(self, body: Any, message: Any) -> None:
-        self._dead_letter_raw(message, "unknown", None)
-        super().on_unknown_message(body, message)
-
-    def on_unknown_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        self._dead_letter_raw(message, "unknown", exc)
-        super().on_unknown_task(body, message, exc)
-
-    def on_invalid_task(self, body: Any, message: Any, exc: BaseException) -> None:
-        # Celery sends refused content types (pickle, anything not JSON) here too.
-        reason = "undecodable" if isinstance(exc, ContentDisallowed) else "invalid"
-        self._dead_letter_raw(message, reason, exc)
-        super().on_invalid_task(body, message, exc)
-
-
-class MalformedMessage(ValueError):
-    """A message Celery would choke on: not a well-formed protocol-2 task."""
-
-    def __init__(self, reason: str, problem: str) -> None:
-        super().__init__(problem)
-        self.reason = reason
-
-
-_EMBED_LISTS = ("callbacks", "errbacks", "chain")
-
-
-def check_shape(message: Any, accept: Any) -> None:
-    """MalformedMessage unless the message is a task Celery can take (decode errors are its own)."""
-    headers = message.headers
-    if not isinstance(headers, dict) or "task" not in headers:
-        return  # Celery's own on_unknown_message / protocol-1 path
-    _check_headers(headers)
-    if message.content_type not in {"application/json", *(accept or ())}:
-        raise MalformedMessage("undecodable", f"content type {message.content_type!r} is refused")
-    try:
-        body = message.decode()
-    except Exception:
-        return  # Celery dead-letters it as undecodable (on_decode_error)
-    if isinstance(body, dict) and ("args" in body or "kwargs" in body):
-        return  # a hybrid protocol-1 body: Celery checks it
-    _check_body(body)
-
-
-def _check_headers(headers: dict[str, Any]) -> None:
-    if not isinstance(headers["task"], str):
-        raise MalformedMessage("unknown", f"the task header is not a string: {headers['task']!r}")
-    if not isinstance(headers.get("id"), str) or not headers["id"]:
-        raise MalformedMessage("invalid", f"the id header is not a string: {headers.get('id')!r}")
-    retries = headers.get("retries", 0)
-    if retries is not None and (not isinstance(retries, int) or isinstance(retries, bool)):
-        raise MalformedMessage("invalid", f"the retries header is not an integer: {retries!r}")
-    limit = headers.get("timelimit")
-    if limit is not None and not (
-        isinstance(limit, list | tuple)
-        and len(limit) == 2
-        and all(v is None or isinstance(v, int | float) for v in limit)
-    ):
-        raise MalformedMessage("invalid", f"the timelimit header is not [soft, hard]: {limit!r}")
-
-
-def _check_body(body: Any) -> None:
-    if not (isinstance(body, list | tuple) and len(body) == 3):
-        raise MalformedMessage("invalid", "the body is not [args, kwargs, embed]")
-    args, kwargs, embed = body
-    if not isinstance(args, list | tuple):
-        raise MalformedMessage("invalid", f"args is not a list: {type(args).__name__}")
-    if not isinstance(kwargs, dict):
-        raise MalformedMessage("invalid", f"kwargs is not a mapping: {type(kwargs).__name__}")
-    if embed is None:
-        return
-    if not isinstance(embed, dict):
-        raise MalformedMessage("invalid", f"embed is not a mapping: {type(embed).__name__}")
-    for key in _EMBED_LISTS:
-        if embed.get(key) is not None and not isinstance(embed[key], list):
-            raise MalformedMessage("invalid", f"embed {key} is not a list")
-    if embed.get("chord") is not None and not isinstance(embed["chord"], dict):
-        raise MalformedMessage("invalid", "embed chord is not a mapping")
 
 
 def redrive(app: Any, letter: DeadLetter) -> None:

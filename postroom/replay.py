@@ -29,13 +29,13 @@ from typing import Any
 from celery.utils.nodenames import anon_nodename
 from kombu import Queue
 
+from postroom._celery.wire import CHUNK, TaskMessage, event_message, publish_many
 from postroom.errors import InvalidMessage, PostroomError
 from postroom.eventlog import EventStore, LoggedEvent, event_log
 from postroom.headers import REPLAY, Envelope, uuid7
 from postroom.registry import registry
 from postroom.signing import SIGNATURE, Signer, signer
 from postroom.topology import event_queue
-from postroom.wire import CHUNK, TaskMessage, event_message, publish_many
 
 
 class ReplayError(PostroomError, ValueError):

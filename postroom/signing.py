@@ -64,5 +64,6 @@ class Signer:
 
 
 def signer(app: Any) -> Signer | None:
-    found = app.conf.get("postroom_signer")
-    return found if isinstance(found, Signer) else None
+    from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+    return installation(app).signer

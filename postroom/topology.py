@@ -28,6 +28,9 @@ from kombu import Exchange, Queue, binding
 COMMANDS_EXCHANGE = Exchange("postroom.commands", type="direct", durable=True)
 EVENTS_EXCHANGE = Exchange("postroom.events", type="direct", durable=True)
 _EVENT_QUEUE_PREFIX = "events."
+#: where a message no service owns lands (Celery's default queue): every worker drains it and
+#: dead-letters what it holds as "unknown" (see postroom.routing)
+UNROUTED_QUEUE = "postroom.unrouted"
 
 
 def command_queue_name(service: str) -> str:
@@ -88,7 +91,7 @@ def event_queue(pool: str, event_types: list[str]) -> Queue:
     """A pool's durable queue, bound to the events exchange once per event type it subscribes to.
 
     Its retries never go through these bindings: they are sent to the queue by name (see
-    subscribers.EventTask), so a retry reaches this pool and no other.
+    postroom._celery.tasks), so a retry reaches this pool and no other.
     """
     return Queue(
         event_queue_name(pool),
@@ -114,7 +117,8 @@ def declared_queues(
     ``owners`` are the services that handle commands or queries; ``pools`` maps each subscriber pool
     to the event types it subscribes to. Which process consumes which queue is the pools' business.
     """
-    queues = [command_queue(service) for service in sorted(set(owners))]
+    queues = [Queue(UNROUTED_QUEUE, durable=True)]
+    queues += [command_queue(service) for service in sorted(set(owners))]
     queues += [partition_queue(s, p) for s in sorted(set(partitioned)) for p in range(partitions)]
     queues += [event_queue(pool, types) for pool, types in sorted(pools.items())]
     return queues

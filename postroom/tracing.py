@@ -7,7 +7,7 @@ for (a sender that only knows the contract). Here the sender injects the W3C ``t
 into the message headers next to the envelope, and the worker continues the trace from it, so
 a request, its command, the reply and every pool's delivery of every event share one trace.
 
-Only the OpenTelemetry API is used here: without an SDK configured (see config/telemetry.py)
+Only the OpenTelemetry API is used here: without an SDK configured (see postroom/telemetry.py)
 every span is a no-op costing next to nothing.
 
 The same module puts the envelope's IDs on every log record written while a message is handled,

@@ -13,9 +13,9 @@ import pytest
 from kombu import Connection
 
 from postroom import MessageBus
+from postroom._celery.wire import CHUNK
 from postroom.messages import Command
 from postroom.topology import command_queue
-from postroom.wire import CHUNK
 from tests.support import BrokerContext
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]

@@ -146,12 +146,16 @@ def test_invalid_payload_is_refused_on_receipt_naming_the_field(
     assert "extra" in reply.error.message
 
 
-def test_message_without_envelope_is_refused_saying_which_headers_are_missing(
+def test_a_partial_envelope_is_refused_saying_which_headers_are_missing(
     broker: BrokerContext, bus: MessageBus
 ) -> None:
     task_id = str(uuid.uuid4())
     broker.app.send_task(
-        "probe.Echo", kwargs={"text": "x"}, task_id=task_id, queue="commands.probe"
+        "probe.Echo",
+        kwargs={"text": "x"},
+        task_id=task_id,
+        queue="commands.probe",
+        headers={PREFIX + "message_type": "probe.Echo"},
     )
     reply = bus.reply_for(task_id, timeout=30)
     assert reply.status == "rejected"

@@ -25,7 +25,7 @@ from config.pools import Pool
 from postroom import MessageBus
 from postroom.eventlog import RedisStreamStore, event_log, parse_since
 from postroom.headers import Envelope
-from postroom.subscribers import replayed_id
+from postroom.pipeline.steps import replayed_id
 from postroom.topology import EVENTS_EXCHANGE, event_queue_name
 from tests.integration.services import NEW_POOL, POOLS, EmitProbe, ProbeHappened, ProbeLogged
 from tests.support import REDIS, ROOT, STATE_DB, BrokerContext, WorkerProcess, wait_for

@@ -37,7 +37,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from postroom import MessageBus
-from postroom.subscribers import delivery_id
+from postroom._celery.tasks import delivery_id
 from tasks.assets import BindDevice, DeviceBound, RegisterAsset
 from tests.support import ROOT, BrokerContext, broker_context, wait_for
 

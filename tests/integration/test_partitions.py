@@ -16,8 +16,9 @@ import redis
 
 from config.pools import Pool
 from postroom import MessageBus
+from postroom._celery.bootsteps import restore_orphans
 from postroom.bus import route
-from postroom.partitions import partition_of, restore_orphans
+from postroom.partitions import partition_of
 from tests.integration.ordering import MoveTo
 from tests.support import BROKER_DB, REDIS, BrokerContext, wait_for
 

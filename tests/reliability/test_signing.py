@@ -85,4 +85,4 @@ def test_secrets_never_reach_the_logs_or_reprs(
     for secret in (NEW, OLD, "guest:guest@"):
         assert secret not in log
         assert secret not in repr(broker.settings)
-        assert secret not in repr(broker.app.conf.postroom_signer)
+        assert secret not in repr(broker.app.conf.postroom.signer)

@@ -150,6 +150,13 @@ def publish_many(producer: Producer, messages: Sequence[tuple[Queue, TaskMessage
         _amqp_publish(producer.connection.connection, messages)
 
 
+def bound_queues(producer: Producer, exchange: str, routing_key: str) -> list[str]:
+    """The queues bound to ``exchange`` under ``routing_key``, from the table kombu's Redis
+    transport keeps in Redis (its exchanges live in each process's memory otherwise)."""
+    table = producer.channel.get_table(exchange)
+    return [queue for key, _, queue in table if key == routing_key]
+
+
 def _chunks(
     messages: Sequence[tuple[Queue, TaskMessage]],
 ) -> Iterable[Sequence[tuple[Queue, TaskMessage]]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from celery.signals import after_setup_logger, after_setup_task_logger, task_postrun, task_prerun
 
-from config.settings import Settings
+from postroom.settings import Settings
 from postroom.tracing import EnvelopeFilter, log_context_end, log_context_start
 
 _configured = False

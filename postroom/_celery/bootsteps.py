@@ -1,0 +1,137 @@
+"""What postroom adds to a Celery worker: partition leases, and the unrouted queue.
+
+The partition leasing logic (postroom.partitions) asks the worker three things through
+WorkerHooks; the answers here touch Celery's consumer, its worker state and kombu's Redis
+storage format, which is why they live in this package.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+from celery import bootsteps
+from celery.worker import state as worker_state
+
+from postroom.partitions import LeaseBoard, PartitionLeaser, partition_count
+from postroom.registry import registry
+from postroom.reliability import reliability
+from postroom.topology import UNROUTED_QUEUE, command_queue_name
+
+#: put one unacknowledged message back at the head of its queue, unless someone else already did
+_RESTORE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    redis.call('RPUSH', KEYS[3], ARGV[2])
+    return 1
+end
+return 0
+"""
+
+
+def restore_orphans(client: redis.Redis, keyprefix: str, queue: str) -> int:
+    """Put a crashed consumer's unacknowledged messages of ``queue`` back at its head, oldest
+    first; the number restored.
+
+    kombu keeps each delivered-but-unacknowledged message in a hash, with its delivery time in
+    a sorted set, until the consumer acknowledges it. Only the previous lease holder consumed
+    this queue, so every entry for it here is that holder's.
+    """
+    unacked, index = keyprefix + "unacked", keyprefix + "unacked_index"
+    orphans = []
+    for tag, raw in client.hscan_iter(unacked, count=500):
+        message, _exchange, routing_key = json.loads(raw)
+        if routing_key == queue:
+            orphans.append((client.zscore(index, tag) or 0.0, tag, message))
+    restore = client.register_script(_RESTORE)
+    restored = 0
+    # RPUSH puts a message where BRPOP takes the next one from: newest first, so the oldest is
+    # taken first.
+    for _score, tag, message in sorted(orphans, key=lambda o: o[0], reverse=True):
+        restored += int(
+            restore(keys=[unacked, index, keyprefix + queue], args=[tag, json.dumps(message)])
+        )
+    return restored
+
+
+class CeleryWorkerHooks:
+    """A Celery consumer, as a partition leaser sees it."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        app = consumer.app
+        self._client: redis.Redis | None = None
+        if app.conf.broker_url.startswith(("redis://", "rediss://")):
+            self._client = redis.Redis.from_url(app.conf.broker_url)
+        self._keyprefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+
+    def consume(self, queue: str, on: bool) -> None:
+        c = self.consumer
+        c.call_soon(c.add_task_queue if on else c.cancel_task_queue, queue)
+
+    def in_hand(self, queue: str) -> bool:
+        requests = [*worker_state.active_requests, *worker_state.reserved_requests]
+        return any(
+            (getattr(r, "delivery_info", None) or {}).get("routing_key") == queue for r in requests
+        )
+
+    def restore(self, queue: str) -> int:
+        """On Redis by hand; RabbitMQ gives a lost consumer's messages back by itself."""
+        if self._client is None:
+            return 0
+        return restore_orphans(self._client, self._keyprefix, queue)
+
+
+class PartitionLeasing(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: a worker consuming a partitioned service's command queue also takes
+    its share of that service's partition queues, and only runs one message at a time."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.leasers: list[PartitionLeaser] = []
+
+    def start(self, c: Any) -> None:
+        app = c.app
+        consumed = set(app.amqp.queues.consume_from or {})
+        services = [s for s in registry.partitioned_services() if command_queue_name(s) in consumed]
+        if not services:
+            return
+        if c.controller.concurrency != 1 or (c.initial_prefetch_count or 1) > 1:
+            raise RuntimeError(
+                f"{', '.join(services)} keep(s) messages in order by partition key, which needs "
+                "one message at a time per worker: start this worker with -c 1 and "
+                "--prefetch-multiplier 1 (run more workers to handle more partitions at once)"
+            )
+        from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+        state = reliability(app)
+        ttl = float(installation(app).settings.partition_lease)
+        hooks = CeleryWorkerHooks(c)
+        for service in services:
+            board = LeaseBoard(state.client, state.namespace, service, ttl)
+            leaser = PartitionLeaser(
+                c.hostname, service, partition_count(app), board, period=ttl / 4, worker=hooks
+            )
+            self.leasers.append(leaser)
+            leaser.start()
+
+    def stop(self, c: Any) -> None:
+        for leaser in self.leasers:
+            leaser.stop()
+            for partition in range(leaser.partitions):
+                c.app.amqp.queues.deselect(leaser.queue(partition))
+        self.leasers.clear()
+
+    shutdown = stop
+
+
+def consume_unrouted(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    """celeryd_after_setup receiver: every postroom worker also drains the unrouted queue, where a
+    message no service owns lands; the consumer dead-letters each as unknown."""
+    app = getattr(instance, "app", None)
+    if app is None or app.conf.get("postroom") is None:
+        return  # a plain Celery app in the same process: not ours to change
+    app.amqp.queues.select_add(UNROUTED_QUEUE)

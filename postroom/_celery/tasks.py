@@ -1,0 +1,146 @@
+"""The Celery side of handling: one task base that runs the pipeline and speaks Celery's terms.
+
+A task's body builds a Delivery from Celery's request, runs the pipeline, and turns the Outcome
+into a task result: a reply returned (SUCCESS), a rejected or failed reply raised (FAILURE, so
+Flower shows it as such, the reply intact), a retry through ``Task.retry`` (RETRY).
+
+Events: one task per event type; every worker process of a pool consumes that pool's queue only,
+so it knows its pool from the queue it was started on. The worker renames its delivery
+``<event type>@<pool>`` with an ID of its own, so Flower shows each pool's delivery as a task
+that can be followed by correlation ID.
+"""
+
+from __future__ import annotations
+
+import uuid
+from functools import cache
+from typing import Any
+
+import celery
+from celery import shared_task
+from celery.worker.request import Request
+
+from postroom.errors import ContractError, FailedReply, RejectedReply
+from postroom.headers import MESSAGE_ID, REPLAY
+from postroom.pipeline import Delivery, Kind, Outcome
+from postroom.pipeline.steps import replayed_id
+from postroom.registry import Handler, registry
+from postroom.topology import (
+    command_queue_name,
+    event_delivery_name,
+    event_queue_name,
+    pool_of_event_queue,
+)
+
+
+@cache
+def worker_pool(app: celery.Celery) -> str | None:
+    """The subscriber pool this worker serves, from the one events queue it consumes (if any)."""
+    pools = [p for p in map(pool_of_event_queue, app.amqp.queues.consume_from) if p]
+    if len(pools) > 1:
+        raise ContractError(
+            f"this worker consumes the queues of several subscriber pools ({', '.join(pools)}); "
+            "a worker serves one pool, so it knows whose copy of an event it holds: start one "
+            "worker per pool (postroom worker POOL)"
+        )
+    return pools[0] if pools else None
+
+
+def delivery_id(message_id: str, pool: str) -> str:
+    """A stable per-pool task ID: the same across retries and redeliveries of one pool's copy."""
+    return str(uuid.uuid5(uuid.UUID(message_id), pool))
+
+
+class EventRequest(Request):  # type: ignore[misc]
+    """Names one pool's delivery of an event after the event and the pool, with its own task ID."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        pool = worker_pool(self._app)
+        message_id = self._request_dict.get(MESSAGE_ID)
+        if pool is None or not isinstance(message_id, str):
+            return  # decoded and refused by the pipeline, with the reason
+        try:
+            handled_as = replayed_id(message_id, self._request_dict.get(REPLAY))
+            self.id = self._request_dict["id"] = delivery_id(handled_as, pool)
+        except ValueError:
+            return
+        self.name = self._request_dict["shadow"] = event_delivery_name(self._type, pool)
+
+
+class PostroomTask(celery.Task):  # type: ignore[misc]
+    """Base of every postroom task: at-least-once settings; the body runs the pipeline."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    throws = (RejectedReply,)  # an expected outcome: recorded as FAILURE, not logged as an error
+    kind: Kind
+    handler: Handler | None = None  # commands and queries: the one owner's
+
+    def delivery(self, args: tuple[Any, ...], payload: dict[str, Any]) -> Delivery:
+        from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+        request = self.request
+        arrived_on = (request.delivery_info or {}).get("routing_key") or ""
+        handler = self.handler
+        if self.kind == "event":
+            pool = worker_pool(self.app)
+            handler = registry.subscriber(self.name, pool) if pool else None
+            owner, queue = pool or "", event_queue_name(pool) if pool else arrived_on
+        else:
+            assert handler is not None
+            owner = handler.owner
+            queue = arrived_on or command_queue_name(owner)
+        return Delivery(
+            runtime=installation(self.app).runtime,
+            handler=handler,
+            kind=self.kind,
+            owner=owner,
+            queue=queue,
+            name=request.shadow or request.task or self.name,
+            task_id=request.id,
+            headers=request.headers or {},
+            args=args,
+            body=payload,
+            attempt=request.retries + 1,
+            root_id=request.root_id,
+            parent_id=request.parent_id,
+        )
+
+    def settle(self, delivery: Delivery, outcome: Outcome) -> Any:
+        """The outcome in Celery's terms: a result, a FAILURE carrying the reply, or a retry."""
+        if outcome.status == "retry":
+            # Task.retry() re-publishes through the exchange and key the message came in on: an
+            # event's copy would reach every pool again, so it goes to this pool's queue alone.
+            options: dict[str, Any] = {}
+            if delivery.kind == "event":
+                options = {"queue": delivery.queue, "exchange_type": "direct"}
+            raise self.retry(
+                exc=outcome.error, countdown=outcome.delay, max_retries=None, **options
+            )
+        if delivery.kind == "event":
+            if outcome.error is not None:
+                raise outcome.error
+            return None
+        assert outcome.reply is not None
+        if outcome.status == "rejected":
+            raise RejectedReply(outcome.reply)
+        if outcome.status == "failed":
+            raise FailedReply(outcome.reply) from outcome.error
+        return outcome.reply
+
+
+def register_task(name: str, kind: Kind, module: str, doc: str | None, **attrs: Any) -> None:
+    """Register a Celery task named ``name`` for every app (like shared_task)."""
+
+    def run(task: PostroomTask, /, *args: Any, **payload: Any) -> Any:
+        from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+        delivery = task.delivery(args, payload)
+        return task.settle(delivery, installation(task.app).pipeline(delivery))
+
+    run.__module__, run.__doc__ = module, doc
+    options: dict[str, Any] = {"kind": kind, **attrs}
+    if kind == "event":
+        options.update(Request="postroom._celery.tasks:EventRequest", ignore_result=True)
+    shared_task(name=name, bind=True, base=PostroomTask, **options)(run)

@@ -1,0 +1,100 @@
+"""One message on its way through the pipeline, where it runs, and what came of it.
+
+The pipeline knows nothing of Celery: a worker (postroom._celery) or the in-memory harness
+(postroom.testing) builds a Delivery from what it received, runs the steps, and turns the Outcome
+into its own terms (a task result, a retry, a dead letter already written).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from postroom.headers import Envelope
+from postroom.messages import Command, Event, Message, Query
+from postroom.registry import Handler
+from postroom.retries import RetryPolicy
+from postroom.signing import Signer
+
+if TYPE_CHECKING:
+    from postroom.pipeline.context import HandlerContext
+    from postroom.stores import DeadLetterStore, InboxStore
+
+Kind = Literal["command", "query", "event"]
+#: succeeded / rejected / failed: a command's or query's reply; handled: an event delivery done;
+#: retry: run again after ``Outcome.delay`` seconds, from the broker
+Status = Literal["succeeded", "rejected", "failed", "handled", "retry"]
+
+
+class Publisher(Protocol):
+    """What a handler's context publishes and sends through: the bus, or the harness's."""
+
+    def publish(
+        self,
+        event: Event,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        source: str | None = None,
+        message_id: str | None = None,
+    ) -> str: ...
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the pipeline runs: the stores it records in, the bus it speaks through, its limits."""
+
+    inbox: InboxStore
+    dead_letters: DeadLetterStore
+    bus: Publisher
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    poison_after: int = 3
+    signer: Signer | None = None
+    sleep: Callable[[float], None] = time.sleep
+
+
+def kind_of(contract: type[Message]) -> Kind:
+    if issubclass(contract, Command):
+        return "command"
+    return "query" if issubclass(contract, Query) else "event"
+
+
+@dataclass
+class Delivery:
+    """One run of the pipeline for one received message. Steps fill in what they learn."""
+
+    runtime: Runtime
+    handler: Handler | None  # None: nobody here handles this type (a stray event)
+    kind: Kind
+    owner: str  # the service (commands, queries) or the pool (events) handling it
+    queue: str  # where it came from, and where a dead letter's redrive sends it
+    name: str  # the task name as shown: the type, or <event type>@<pool> for a delivery
+    task_id: str
+    headers: Mapping[str, Any]
+    args: tuple[Any, ...]
+    body: dict[str, Any]  # the fields as received, kept unchanged for a dead letter
+    attempt: int = 1
+    #: Celery's own IDs, which give a plain Celery client's message its envelope
+    root_id: str | None = None
+    parent_id: str | None = None
+    envelope: Envelope | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # the body, upcast to the current version
+    message: Message | None = None
+    inbox_id: str = ""  # what the owner's inbox knows this run by
+    runs: int = 0  # runs begun and not ended, this one included (0: not counted)
+    committed: bool = False
+    ctx: HandlerContext | None = None
+
+    @property
+    def partitioned(self) -> bool:
+        return self.handler is not None and self.handler.contract.__partition_key__ is not None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: Status
+    reply: dict[str, Any] | None = None  # a command's or query's Reply, as JSON
+    error: BaseException | None = None
+    delay: float = 0.0  # with status "retry"
