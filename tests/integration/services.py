@@ -56,6 +56,18 @@ class Explode(Command, service=SERVICE):
     how: Literal["exit", "segfault", "sigkill"] = "exit"
 
 
+#: a partitioned service: its workers run one message at a time, in order per key
+ORDERED = "ordered"
+
+
+class RecordInOrder(Command, service=ORDERED, partition_key="key"):
+    """Records each run of (key, seq); fails transiently on its first ``failures`` runs."""
+
+    key: str
+    seq: int
+    failures: int = 0
+
+
 class ProbeHappened(Event, service=SERVICE):
     key: str
     fail_pool: str | None = None
@@ -80,6 +92,16 @@ def flaky(cmd: Flaky, ctx: HandlerContext) -> dict[str, int]:
 def refuse(cmd: Refuse, ctx: HandlerContext) -> None:
     client().incr(key(SERVICE, "refused", ctx.correlation_id))
     raise Rejected(cmd.reason)
+
+
+@handles(RecordInOrder)
+def record_in_order(cmd: RecordInOrder, ctx: HandlerContext) -> dict[str, int]:
+    db = client()
+    runs = db.hincrby(key(ORDERED, cmd.key, "runs"), str(cmd.seq), 1)
+    db.rpush(key(ORDERED, cmd.key, "log"), f"{cmd.seq}:{runs}")
+    if runs <= cmd.failures:
+        raise TransientError(f"seq {cmd.seq} run {runs} fails on purpose")
+    return {"seq": cmd.seq, "runs": runs}
 
 
 @handles(Crash)

@@ -1,0 +1,323 @@
+"""``postroom.testing``: run handlers in this process, through the real pipeline, with no broker.
+
+The harness is a broker and a worker in one: ``send``, ``ask`` and ``publish`` queue messages as
+the bus would (the same headers, the payload through JSON), and ``run()`` hands each to the same
+pipeline a Celery worker runs (decode, signature, upcast, validate, inbox, poison guard, retry,
+commit, dead letters), until every message a send caused has been handled: the events it
+published, each subscribed pool's delivery of them, and retries, whose backoff passes on a fake
+clock. Then a test asserts on replies, published events and dead letters::
+
+    def test_registering_announces_the_asset(postroom_harness):
+        reply = postroom_harness.ask(RegisterAsset(name="Truck 12"))
+        assert reply.status == "succeeded"
+        assert [type(e) for e in postroom_harness.published] == [AssetRegistered]
+
+Handlers are found in postroom's registry, so import the modules that declare them. A handler
+that writes through ``ctx.transaction()`` needs the Redis its state lives in:
+``Harness(state=redis_client)``; the writes are applied when the message settles, as in a worker.
+
+Real brokers prove what only they can (redelivery, crashes, ordering across processes): the
+integration tests run the same pipeline in real Celery workers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from postroom.errors import InvalidMessage, ReplyTimeout, WrongMessageKind
+from postroom.headers import Envelope
+from postroom.messages import Command, Event, Message, Query, Reply
+from postroom.partitions import partition_of
+from postroom.pipeline import Delivery, Pipeline, Runtime, Step, default_steps, kind_of
+from postroom.registry import registry
+from postroom.reliability import DeadLetter
+from postroom.retries import RetryPolicy
+from postroom.signing import SIGNATURE, Signer
+from postroom.stores.memory import MemoryDeadLetters, MemoryInbox
+from postroom.topology import (
+    command_queue_name,
+    event_delivery_name,
+    event_queue_name,
+    partition_queue_name,
+)
+
+__all__ = ["FakeClock", "Harness", "postroom_harness"]
+
+
+class FakeClock:
+    """Time that passes only when the harness waits: a retry's backoff costs a test nothing."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+
+
+@dataclass(order=True)
+class _Queued:
+    due: float
+    seq: int
+    delivery: Delivery = field(compare=False)
+
+
+@dataclass
+class Sent:
+    """A command or query the harness holds: its envelope, and its reply once it has one."""
+
+    harness: Harness
+    envelope: Envelope
+
+    @property
+    def correlation_id(self) -> str:
+        return self.envelope.correlation_id
+
+    def reply(self) -> Reply:
+        """Run until every queued message is handled, then the reply; ReplyTimeout if none."""
+        self.harness.run()
+        found = self.harness.replies.get(self.correlation_id)
+        if found is None:
+            raise ReplyTimeout(
+                f"no reply for {self.envelope.message_type} ({self.correlation_id}): it was "
+                "dead-lettered or no handler of its type is registered (import its module); "
+                "see harness.dead_letters"
+            )
+        return found
+
+
+class Harness:
+    """A broker and a worker in this process, running postroom's own pipeline."""
+
+    def __init__(
+        self,
+        *,
+        state: redis.Redis | None = None,
+        retry: RetryPolicy | None = None,
+        poison_after: int = 3,
+        signing_keys: Sequence[str] = (),
+        steps: Sequence[Step] = (),
+        source: str = "tests",
+        partitions: int = 4,
+    ) -> None:
+        self.clock = FakeClock()
+        self.inbox = MemoryInbox(state)
+        self._dead_letters = MemoryDeadLetters()
+        self.signer = Signer(list(signing_keys)) if signing_keys else None
+        self.source = source
+        self.partitions = partitions
+        self.runtime = Runtime(
+            inbox=self.inbox,
+            dead_letters=self._dead_letters,
+            bus=self,
+            retry=retry or RetryPolicy(),
+            poison_after=poison_after,
+            signer=self.signer,
+            sleep=self.clock.sleep,
+        )
+        self.pipeline = Pipeline(default_steps(steps))
+        self.replies: dict[str, Reply] = {}
+        #: every event published, in order (by a handler or by the test)
+        self.published: list[Event] = []
+        self._queue: list[_Queued] = []
+        self._history: list[Delivery] = []
+        self._seq = itertools.count()
+
+    @property
+    def dead_letters(self) -> list[DeadLetter]:
+        return list(self._dead_letters.letters)
+
+    def send(
+        self,
+        command: Command | Query,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        message_id: str | None = None,
+    ) -> Sent:
+        """Queue a command or query for its owner, as ``bus.send`` does; nothing runs yet."""
+        if not isinstance(command, Command | Query):
+            raise WrongMessageKind(
+                f"send() takes a Command or Query, not {command!r}: publish events"
+            )
+        contract = type(command)
+        envelope = self._envelope(contract, correlation_id, causation_id, message_id, self.source)
+        handler = registry.owner_of(contract.__message_type__)
+        owner = handler.owner if handler else contract.__service__
+        self._enqueue(
+            Delivery(
+                runtime=self.runtime,
+                handler=handler,
+                kind=kind_of(contract),
+                owner=owner,
+                queue=self._queue_of(command, owner),
+                name=contract.__message_type__,
+                task_id=envelope.correlation_id,
+                headers=self._headers(envelope, command),
+                args=(),
+                body=_wire(command),
+            )
+        )
+        return Sent(self, envelope)
+
+    def ask(self, query: Query) -> Reply:
+        """Send a query and run until its reply is in."""
+        return self.send(query).reply()
+
+    def publish(
+        self,
+        event: Event,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        source: str | None = None,
+        message_id: str | None = None,
+    ) -> str:
+        """Queue one delivery of the event per pool subscribed to its type, as the broker does."""
+        if not isinstance(event, Event):
+            raise WrongMessageKind(f"publish() takes an Event, not {event!r}: send commands")
+        contract = type(event)
+        envelope = self._envelope(
+            contract, correlation_id, causation_id, message_id, source or self.source
+        )
+        self.published.append(event)
+        headers, body = self._headers(envelope, event), _wire(event)
+        for pool in registry.pools_subscribed(contract.__message_type__):
+            self._enqueue(
+                Delivery(
+                    runtime=self.runtime,
+                    handler=registry.subscriber(contract.__message_type__, pool),
+                    kind="event",
+                    owner=pool,
+                    queue=event_queue_name(pool),
+                    name=event_delivery_name(contract.__message_type__, pool),
+                    task_id=str(uuid.uuid5(uuid.UUID(envelope.message_id), pool)),
+                    headers=headers,
+                    args=(),
+                    body=body,
+                )
+            )
+        return envelope.message_id
+
+    def deliver_again(self, sent: Sent) -> None:
+        """Queue a duplicate of a sent message (at-least-once delivery does this)."""
+        originals = [d for d in self._history if d.task_id == sent.correlation_id]
+        if not originals:
+            raise InvalidMessage(f"{sent.correlation_id} was never sent through this harness")
+        self._enqueue(_fresh(originals[0]))
+
+    def run(self, max_messages: int = 10_000) -> int:
+        """Handle queued messages in due order until none is left; the number handled.
+
+        A retry waiting for its backoff moves the fake clock forward instead of waiting.
+        """
+        handled = 0
+        while self._queue:
+            if handled >= max_messages:
+                raise RuntimeError(
+                    f"still {len(self._queue)} message(s) queued after {max_messages}: "
+                    "do the handlers cause messages in a loop?"
+                )
+            queued = heapq.heappop(self._queue)
+            self.clock.now = max(self.clock.now, queued.due)
+            self._handle(queued.delivery)
+            handled += 1
+        return handled
+
+    def events(self, of_type: type[Event] | None = None) -> list[Event]:
+        """The events published so far, optionally of one type only."""
+        return [e for e in self.published if of_type is None or isinstance(e, of_type)]
+
+    def _handle(self, delivery: Delivery) -> None:
+        outcome = self.pipeline(delivery)
+        if outcome.status == "retry":
+            again = _fresh(delivery)
+            again.attempt = delivery.attempt + 1
+            self._enqueue(again, delay=outcome.delay)
+        elif outcome.reply is not None:
+            reply = Reply.model_validate(outcome.reply)
+            self.replies[reply.correlation_id] = reply
+
+    def _enqueue(self, delivery: Delivery, delay: float = 0.0) -> None:
+        if delivery.handler is None and delivery.kind != "event":
+            self._dead_letters.add(
+                DeadLetter(
+                    reason="unknown",
+                    error_type="UnknownMessageType",
+                    error_message=f"no handler of {delivery.name} is registered: import its module",
+                    queue=delivery.queue,
+                    task=delivery.name,
+                    task_id=delivery.task_id,
+                    headers=dict(delivery.headers),
+                    kwargs=delivery.body,
+                )
+            )
+            return
+        self._history.append(delivery)
+        heapq.heappush(self._queue, _Queued(self.clock.now + delay, next(self._seq), delivery))
+
+    def _queue_of(self, command: Command | Query, owner: str) -> str:
+        key = type(command).__partition_key__
+        if key is None:
+            return command_queue_name(owner)
+        return partition_queue_name(owner, partition_of(getattr(command, key), self.partitions))
+
+    def _envelope(
+        self,
+        contract: type[Message],
+        correlation_id: str | None,
+        causation_id: str | None,
+        message_id: str | None,
+        source: str,
+    ) -> Envelope:
+        return Envelope.new(
+            contract.__message_type__,
+            contract.__message_version__,
+            source=source,
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            message_id=message_id,
+        )
+
+    def _headers(self, envelope: Envelope, message: Message) -> dict[str, Any]:
+        headers = envelope.to_headers()
+        if self.signer is not None:
+            headers[SIGNATURE] = self.signer.sign(envelope.message_type, _wire(message), headers)
+        return headers
+
+
+def _wire(message: Message) -> dict[str, Any]:
+    """The payload as a receiver gets it: through JSON, as on the wire."""
+    payload: dict[str, Any] = orjson.loads(orjson.dumps(message.payload()))
+    return payload
+
+
+def _fresh(delivery: Delivery) -> Delivery:
+    """The same message as received again: nothing a step learned is kept."""
+    return Delivery(
+        runtime=delivery.runtime,
+        handler=delivery.handler,
+        kind=delivery.kind,
+        owner=delivery.owner,
+        queue=delivery.queue,
+        name=delivery.name,
+        task_id=delivery.task_id,
+        headers=delivery.headers,
+        args=delivery.args,
+        body=delivery.body,
+        attempt=delivery.attempt,
+    )
+
+
+@pytest.fixture
+def postroom_harness() -> Harness:
+    """A fresh harness per test, with no state store (give one with ``Harness(state=...)``)."""
+    return Harness()

@@ -1,0 +1,195 @@
+"""postroom.testing runs the real pipeline in-process: what a user's handler test can rely on."""
+
+from __future__ import annotations
+
+import pytest
+
+from postroom import (
+    Command,
+    Delivery,
+    Event,
+    HandlerContext,
+    Outcome,
+    Query,
+    Rejected,
+    RetryPolicy,
+    Step,
+    TransientError,
+    handles,
+    subscribes,
+)
+from postroom.messages import CommandFailed
+from postroom.pipeline import Next
+from postroom.testing import Harness
+
+SERVICE = "harnessed"
+#: what each handler did, in order: the tests read it
+calls: list[str] = []
+
+
+class Plant(Command, service=SERVICE):
+    name: str
+
+
+class Wobble(Command, service=SERVICE):
+    name: str
+    failures: int
+
+
+class Water(Command, service=SERVICE, partition_key="bed"):
+    bed: str
+    seq: int
+    failures: int = 0
+
+
+class CountPlants(Query, service=SERVICE):
+    pass
+
+
+class Planted(Event, service=SERVICE):
+    name: str
+
+
+@handles(Plant)
+def plant(cmd: Plant, ctx: HandlerContext) -> dict[str, str]:
+    if cmd.name == "weed":
+        raise Rejected("no weeds")
+    calls.append(f"plant {cmd.name}")
+    ctx.publish(Planted(name=cmd.name))
+    return {"planted": cmd.name}
+
+
+@handles(Wobble)
+def wobble(cmd: Wobble, ctx: HandlerContext) -> int:
+    calls.append(f"wobble {ctx.attempt}")
+    if ctx.attempt <= cmd.failures:
+        raise TransientError(f"attempt {ctx.attempt} fails on purpose")
+    return ctx.attempt
+
+
+@handles(Water)
+def water(cmd: Water, ctx: HandlerContext) -> int:
+    calls.append(f"water {cmd.seq}:{ctx.attempt}")
+    if ctx.attempt <= cmd.failures:
+        raise TransientError("the hose is blocked")
+    return cmd.seq
+
+
+@handles(CountPlants)
+def count_plants(query: CountPlants, ctx: HandlerContext) -> int:
+    return sum(1 for c in calls if c.startswith("plant "))
+
+
+@subscribes(Planted, pool="gardeners")
+def tell_gardeners(event: Planted, ctx: HandlerContext) -> None:
+    calls.append(f"gardeners {event.name}")
+
+
+@subscribes(Planted, pool="birds")
+def tell_birds(event: Planted, ctx: HandlerContext) -> None:
+    calls.append(f"birds {event.name} caused by {ctx.causation_id}")
+
+
+@pytest.fixture(autouse=True)
+def _forget() -> None:
+    calls.clear()
+
+
+def test_a_command_gets_its_reply_and_each_pool_gets_the_event(postroom_harness: Harness) -> None:
+    sent = postroom_harness.send(Plant(name="rose"))
+    reply = sent.reply()
+    assert (reply.status, reply.value) == ("succeeded", {"planted": "rose"})
+    assert reply.correlation_id == sent.correlation_id
+    assert postroom_harness.events() == [Planted(name="rose")]
+    assert sorted(calls) == [
+        f"birds rose caused by {sent.envelope.message_id}",
+        "gardeners rose",
+        "plant rose",
+    ]
+
+
+def test_a_rejected_command_announces_nothing_and_is_not_retried(
+    postroom_harness: Harness,
+) -> None:
+    reply = postroom_harness.send(Plant(name="weed")).reply()
+    assert reply.status == "rejected"
+    assert reply.error is not None
+    assert reply.error.message == "no weeds"
+    assert postroom_harness.events() == []
+    assert postroom_harness.dead_letters == []
+
+
+def test_a_duplicate_delivery_runs_the_handler_once_and_gets_the_same_reply(
+    postroom_harness: Harness,
+) -> None:
+    sent = postroom_harness.send(Plant(name="tulip"))
+    first = sent.reply()
+    postroom_harness.deliver_again(sent)
+    assert sent.reply() == first
+    assert calls.count("plant tulip") == 1
+
+
+def test_transient_failures_are_retried_on_a_fake_clock_within_the_budget() -> None:
+    harness = Harness(retry=RetryPolicy(max_retries=2, backoff=30, backoff_max=60))
+    reply = harness.send(Wobble(name="a", failures=2)).reply()
+    assert (reply.status, reply.value, reply.attempts) == ("succeeded", 3, 3)
+    assert harness.clock.now >= 15 + 30  # two backoffs passed, none of them really waited
+
+
+def test_a_command_that_keeps_failing_runs_max_retries_plus_one_times_then_is_dead_lettered() -> (
+    None
+):
+    harness = Harness(retry=RetryPolicy(max_retries=2, backoff=0.1))
+    sent = harness.send(Wobble(name="b", failures=99))
+    reply = sent.reply()
+    assert (reply.status, reply.attempts) == ("failed", 3)
+    assert calls == ["wobble 1", "wobble 2", "wobble 3"]
+    [letter] = harness.dead_letters
+    assert (letter.reason, letter.error_type, letter.attempts) == ("failed", "TransientError", 3)
+    [failed] = harness.events(CommandFailed)
+    assert (failed.command_type, failed.attempts) == ("harnessed.Wobble", 3)
+
+
+def test_a_partitioned_command_is_retried_in_place_before_the_ones_behind_it() -> None:
+    harness = Harness(retry=RetryPolicy(max_retries=2, backoff=0.1))
+    first = harness.send(Water(bed="north", seq=0, failures=99))
+    second = harness.send(Water(bed="north", seq=1))
+    assert first.reply().status == "failed"
+    assert second.reply().status == "succeeded"
+    assert calls == ["water 0:1", "water 0:2", "water 0:3", "water 1:1"]
+
+
+def test_a_query_is_answered_from_what_the_handlers_did(postroom_harness: Harness) -> None:
+    for name in ("oak", "ash"):
+        postroom_harness.send(Plant(name=name))
+    assert postroom_harness.ask(CountPlants()).value == 2
+
+
+class AuditLog(Step):
+    """The README's example of a user's own step."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
+        outcome = call_next(delivery)
+        self.seen.append(f"{delivery.name} {outcome.status}")
+        return outcome
+
+
+def test_a_users_own_step_sees_every_handling() -> None:
+    audit = AuditLog()
+    harness = Harness(steps=[audit])
+    harness.send(Plant(name="fern")).reply()
+    harness.send(Plant(name="weed")).reply()
+    assert audit.seen == [
+        "harnessed.Plant succeeded",
+        "harnessed.Planted@birds handled",
+        "harnessed.Planted@gardeners handled",
+        "harnessed.Plant rejected",
+    ]
+
+
+def test_a_signed_harness_checks_signatures_like_a_worker() -> None:
+    harness = Harness(signing_keys=["k1"])
+    assert harness.send(Plant(name="moss")).reply().status == "succeeded"
