@@ -134,9 +134,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="log level of workers and Flower")
     log_format: str = Field(
-        "json",
+        "auto",
         description="`json`: one JSON object per log line, with the handled message's message_id, "
-        "correlation_id and causation_id; `text`: Celery's usual lines",
+        "correlation_id and causation_id; `pretty`: one short coloured line per message handled, "
+        "plus warnings and errors; `text`: Celery's usual lines; `auto`: `pretty` on a terminal, "
+        "`json` otherwise",
     )
     tracing: str = Field(
         "",

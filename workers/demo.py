@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Callable
 
 from postroom import MessageBus, Query, Reply
+from postroom.telemetry import bold
 from tasks.analytics import GetAssetStats
 from tasks.assets import BindDevice, GetAsset, RegisterAsset
 from tasks.notifications import ListNotifications
 from tasks.search import SearchAssets
+
+
+def _say(line: str) -> None:
+    """A line of the demo's own: prefixed, and bold on a terminal, to stand out among the pools'."""
+    print(bold(f"demo | {line}", sys.stdout), flush=True)
 
 
 def _until(ask: Callable[[], Reply], done: Callable[[Reply], bool], timeout: float = 30.0) -> Reply:
@@ -30,29 +37,29 @@ def run(bus: MessageBus, name: str = "Truck 12") -> None:
     pending = bus.send(
         RegisterAsset(name=name, description="Demo asset", attributes={"fleet": "north"})
     )
-    print(f"-> RegisterAsset({name!r}) sent, correlation_id={pending.correlation_id}")
+    _say(f"-> RegisterAsset({name!r}) sent, correlation_id={pending.correlation_id}")
     reply = pending.reply(timeout=30)
-    print(f"<- reply: {reply.status} {reply.value}")
+    _say(f"<- reply: {reply.status} {reply.value}")
     asset_id = reply.value["asset_id"]
 
     bound = bus.send(BindDevice(asset_id=asset_id, device_id=uuid.uuid4())).reply(timeout=30)
-    print(f"-> BindDevice(asset {asset_id}) <- {bound.status}")
+    _say(f"-> BindDevice(asset {asset_id}) <- {bound.status}")
     refused = bus.send(BindDevice(asset_id=uuid.uuid4(), device_id=uuid.uuid4())).reply(timeout=30)
-    print(
+    _say(
         f"-> BindDevice(unknown asset) <- {refused.status}: {refused.error and refused.error.message}"
     )
-    print(f"?> GetAsset <- {ask(GetAsset(asset_id=asset_id)).value}")
+    _say(f"?> GetAsset <- {ask(GetAsset(asset_id=asset_id)).value}")
 
-    print("Three pools reacted to AssetRegistered / DeviceBound, each on its own copy:")
+    _say("Three pools reacted to AssetRegistered / DeviceBound, each on its own copy:")
     found = _until(
         lambda: ask(SearchAssets(text=name)),
         lambda r: any(a["asset_id"] == asset_id for a in r.value or []),
     )
-    print(f"   search        SearchAssets({name!r}) <- {len(found.value or [])} match(es)")
+    _say(f"   search        SearchAssets({name!r}) <- {len(found.value or [])} match(es)")
     stats = _until(lambda: ask(GetAssetStats()), lambda r: r.ok and r.value["devices_bound"] > 0)
-    print(f"   analytics     GetAssetStats() <- {stats.value}")
+    _say(f"   analytics     GetAssetStats() <- {stats.value}")
     notes = _until(
         lambda: ask(ListNotifications(asset_id=asset_id)), lambda r: len(r.value or []) >= 2
     )
     for note in notes.value or []:
-        print(f"   notifications {note['text']} (correlation_id={note['correlation_id']})")
+        _say(f"   notifications {note['text']} (correlation_id={note['correlation_id']})")

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import pty
+import re
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -16,12 +21,21 @@ from typing import Any
 
 import pytest
 
-from config.pools import POOLS
+from config.pools import POOLS, Pool
 from postroom import MessageBus
 from tasks.analytics import GetAssetStats
 from tasks.notifications import ListNotifications
 from tasks.search import SearchAssets
-from tests.support import ROOT, BrokerContext, last_line, run_python, wait_for
+from tests.integration.services import Echo
+from tests.support import (
+    ROOT,
+    BrokerContext,
+    broker_context,
+    last_line,
+    run_python,
+    wait_for,
+)
+from workers.launcher import wait_until_ready, worker_argv
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 
@@ -212,3 +226,35 @@ def test_sigterm_stops_every_pool_and_flower(up: Up, broker: BrokerContext) -> N
         assert sock.connect_ex(("127.0.0.1", up.metrics_port)) != 0
     assert AUTH.split(":")[1] not in up.output()
     assert len(POOLS) == up.output().count("Warm shutdown")
+
+
+def test_a_worker_on_a_terminal_prints_one_pretty_line_per_message(tmp_path: Path) -> None:
+    """As under `postroom up` in a terminal: no banner, no Celery task lines, one line per message."""
+    broker = broker_context("redis", tmp_path)
+    pool = Pool("probe", ("commands.probe",), concurrency=1)
+    terminal, worker_side = pty.openpty()
+    env = {k: v for k, v in broker.env.items() if k != "NO_COLOR"}
+    proc = subprocess.Popen(
+        worker_argv(pool, broker.settings), cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+        stdout=worker_side, stderr=worker_side, start_new_session=True,
+    )  # fmt: skip
+    os.close(worker_side)
+    seen = b""
+    try:
+        wait_until_ready(broker.app, [pool], timeout=30)
+        pending = MessageBus(broker.app, source="tests").send(Echo(text="on a terminal"))
+        assert pending.reply(timeout=30).status == "succeeded"
+        line = re.compile(rf"probe +probe\.Echo +succeeded +{pending.correlation_id[:4]}…")
+        deadline = time.monotonic() + 15
+        while not line.search(re.sub(r"\x1b\[[0-9;]*m", "", seen.decode(errors="replace"))):
+            assert time.monotonic() < deadline, seen.decode(errors="replace")
+            if select.select([terminal], [], [], 0.5)[0]:
+                seen += os.read(terminal, 4096)
+        assert b"\x1b[" in seen  # coloured: NO_COLOR is not set
+        assert b"received" not in seen  # Celery's task lines are left out
+        assert b"-------------- " not in seen  # and so is its banner
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        os.close(terminal)
+        broker.close()
