@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from postroom._celery.redispy import take_queued
 from postroom.headers import uuid7
 
 
@@ -148,12 +149,10 @@ class Inbox:
         ``begin``; this check, inside the same script as the writes, lets only one commit. One
         round trip, as a MULTI/EXEC would be, where WATCH would cost two more.
         """
-        encode: Any = self.client.connection_pool.get_encoder().encode
         args: list[Any] = [self._key("done", owner, message_id)]
-        for command, _options in pipe.command_stack:
+        for command in take_queued(self.client, pipe):
             args.append(len(command))
-            args.extend(encode(part) for part in command)
-        pipe.reset()
+            args.extend(command)
         return bool(self._commit(args=args))
 
     @cached_property
