@@ -3,33 +3,16 @@
 A pool is one service's (or one subscriber's) competing consumers: every process of a pool reads
 the same queues, and a message goes to exactly one of them. A subscriber pool reads its own events
 queue (its copy of every event it subscribes to) and the command queue its queries arrive on.
+``postroom`` uses these rather than the pools it would derive from the registry
+(workers/deployment.py), for their concurrency and because the test services add pools of
+their own that are started by the tests alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from workers.deployment import Pool, service_pool, subscriber_pool
 
-from postroom.topology import command_queue_name, event_queue_name
-
-
-@dataclass(frozen=True)
-class Pool:
-    name: str
-    queues: tuple[str, ...]
-    concurrency: int = 2
-    pool: str = "prefork"  # Celery's -P: prefork, threads, solo, ...
-    prefetch_multiplier: int = 1  # take one message at a time, so a slow one holds up nothing
-
-
-def service_pool(name: str, concurrency: int = 2) -> Pool:
-    """A pool that owns commands and queries: ``commands.<name>``."""
-    return Pool(name, (command_queue_name(name),), concurrency)
-
-
-def subscriber_pool(name: str, concurrency: int = 1) -> Pool:
-    """A pool that subscribes to events (``events.<name>``) and answers queries on its read model."""
-    return Pool(name, (event_queue_name(name), command_queue_name(name)), concurrency)
-
+__all__ = ["POOLS", "Pool", "pool_named", "service_pool", "subscriber_pool"]
 
 POOLS: tuple[Pool, ...] = (
     service_pool("assets"),

@@ -17,7 +17,9 @@ blocking waits on the bus run in Starlette's thread pool, not on the event loop.
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -30,12 +32,12 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 
-from config import app as celery_app
-from config.settings import Settings, settings
 from postroom import MessageBus, ReplyTimeout, tracing
 from postroom.messages import Command, Query, Reply
+from postroom.settings import Settings
 from tasks.assets import GetAsset, RegisterAsset
 from tasks.search import SearchAssets
+from workers.deployment import add_server_arguments, load_or_exit, overridden
 
 logger = logging.getLogger(__name__)
 
@@ -306,15 +308,19 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
     return api
 
 
-api = create_api(MessageBus(celery_app, source="api"), settings)
-
-
-def main() -> None:
-    """``postroom api``: serve the front door on POSTROOM_API_HOST:POSTROOM_API_PORT."""
+def main(argv: list[str] | None = None) -> int:
+    """``postroom api``: serve the front door on --host:--port (POSTROOM_API_HOST, _PORT)."""
+    parser = argparse.ArgumentParser(prog="postroom api", description=__doc__)
+    add_server_arguments(parser, "POSTROOM_API_HOST", "POSTROOM_API_PORT")
+    args = parser.parse_args(argv)
+    deployment = load_or_exit(args.app)
+    settings = overridden(deployment.settings, api_host=args.host, api_port=args.port)
+    api = create_api(MessageBus(deployment.app, source="api"), settings)
     uvicorn.run(
         api, host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower()
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

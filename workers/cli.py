@@ -1,4 +1,8 @@
-"""The ``postroom`` command: start pools and Flower, run the demo."""
+"""The ``postroom`` command: start pools and Flower, run the demo.
+
+``postroom -A <module>`` runs the deployment whose Celery app that module holds, as ``celery -A``
+does (default ``$POSTROOM_APP``, else ``config``: this repository's); see workers/deployment.py.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,15 @@ import os
 import sys
 from pathlib import Path
 
-from config import app, settings
-from config.pools import POOLS, pool_named
 from postroom import MessageBus, schema
-from workers import demo, dlq, events, trace
+from workers import dlq, events, trace
+from workers.deployment import (
+    Deployment,
+    add_app_argument,
+    add_server_arguments,
+    load_or_exit,
+    overridden,
+)
 from workers.launcher import (
     Supervisor,
     api_argv,
@@ -28,52 +37,66 @@ from workers.launcher import (
 )
 
 
-def _worker(args: argparse.Namespace) -> int:
+def _worker(args: argparse.Namespace, deployment: Deployment) -> int:
     try:
-        pool = pool_named(args.pool)
+        pool = deployment.pool_named(args.pool)
     except KeyError as exc:
         print(f"postroom: {exc.args[0]}", file=sys.stderr)
         return 2
-    argv = worker_argv(pool, settings) + args.celery_args
+    argv = worker_argv(pool, deployment.settings, deployment.module) + args.celery_args
     os.execv(argv[0], argv)  # become the worker: signals reach Celery directly
 
 
-def _flower(_: argparse.Namespace) -> int:
+def _flower(args: argparse.Namespace, deployment: Deployment) -> int:
+    settings = overridden(deployment.settings, flower_address=args.host, flower_port=args.port)
     argv = flower_argv(settings)
-    os.execve(argv[0], argv, flower_env(settings))
+    os.execve(argv[0], argv, flower_env(settings, deployment.module))
 
 
-def _api(_: argparse.Namespace) -> int:
-    argv = api_argv()
+def _api(args: argparse.Namespace, deployment: Deployment) -> int:
+    settings = overridden(deployment.settings, api_host=args.host, api_port=args.port)
+    argv = api_argv(settings, deployment.module)
     os.execv(argv[0], argv)  # become the server: SIGTERM reaches uvicorn directly
 
 
-def _metrics(_: argparse.Namespace) -> int:
-    argv = metrics_argv()
+def _metrics(args: argparse.Namespace, deployment: Deployment) -> int:
+    settings = overridden(deployment.settings, metrics_address=args.host, metrics_port=args.port)
+    argv = metrics_argv(settings, deployment.module)
     os.execv(argv[0], argv)  # become the exporter: SIGTERM reaches it directly
 
 
-def _up(args: argparse.Namespace) -> int:
+def _up(args: argparse.Namespace, deployment: Deployment) -> int:
+    app, settings, module, pools = (
+        deployment.app, deployment.settings, deployment.module, deployment.pools
+    )  # fmt: skip
+    if not pools:
+        print(
+            f"postroom: {module} has no pools: no handler is registered. Pass the modules "
+            "holding your @handles and @subscribes to postroom.install(app, imports=[...])",
+            file=sys.stderr,
+        )
+        return 2
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
-    for pool in POOLS:
-        supervisor.start(f"pool {pool.name}", worker_argv(pool, settings))
+    for pool in pools:
+        supervisor.start(f"pool {pool.name}", worker_argv(pool, settings, module))
     if not args.no_flower:
-        supervisor.start("flower", flower_argv(settings), flower_env(settings))
+        supervisor.start("flower", flower_argv(settings), flower_env(settings, module))
         print(f"postroom: Flower at {flower_url(settings)}", flush=True)
     if not args.no_api:
-        supervisor.start("api", api_argv())
+        supervisor.start("api", api_argv(settings, module))
         print(
             f"postroom: HTTP API at {api_url(settings)} (docs: {api_url(settings)}docs)", flush=True
         )
     if not args.no_metrics:
-        supervisor.start("metrics", metrics_argv())  # it says where it serves, once it does
+        # it says where it serves, once it does
+        supervisor.start("metrics", metrics_argv(settings, module))
     print(
-        f"postroom: pools {', '.join(p.name for p in POOLS)} starting; Ctrl-C stops them all",
+        f"postroom: pools {', '.join(p.name for p in pools)} starting; Ctrl-C stops them all",
         flush=True,
     )
     try:
-        wait_until_ready(app, POOLS)
+        wait_until_ready(app, pools)
         if not args.no_flower:
             wait_for_flower(settings)  # so that Flower sees everything from the first message
         if not args.no_api:
@@ -82,6 +105,8 @@ def _up(args: argparse.Namespace) -> int:
             wait_for_metrics(settings)  # counting from the first message on
         print("postroom: every pool is ready", flush=True)
         if args.demo:
+            from workers import demo  # noqa: PLC0415 - this repository's services only
+
             demo.run(MessageBus(app, source="demo"))
             print(f"postroom: demo done; watch it in Flower at {flower_url(settings)}", flush=True)
     except Exception as exc:
@@ -91,13 +116,15 @@ def _up(args: argparse.Namespace) -> int:
     return supervisor.wait()
 
 
-def _demo(_: argparse.Namespace) -> int:
-    demo.run(MessageBus(app, source="demo"))
+def _demo(_: argparse.Namespace, deployment: Deployment) -> int:
+    from workers import demo  # noqa: PLC0415 - this repository's services only
+
+    demo.run(MessageBus(deployment.app, source="demo"))
     return 0
 
 
-def _pools(_: argparse.Namespace) -> int:
-    for pool in POOLS:
+def _pools(_: argparse.Namespace, deployment: Deployment) -> int:
+    for pool in deployment.pools:
         print(
             f"{pool.name:15} queues={','.join(pool.queues)} concurrency={pool.concurrency} "
             f"pool={pool.pool}"
@@ -105,9 +132,9 @@ def _pools(_: argparse.Namespace) -> int:
     return 0
 
 
-def _schema(args: argparse.Namespace) -> int:
+def _schema(args: argparse.Namespace, deployment: Deployment) -> int:
     """Write what this deployment accepts and emits, for teams and tools that do not read Python."""
-    document = schema.dump(schema.asyncapi(app), args.format)
+    document = schema.dump(schema.asyncapi(deployment.app), args.format)
     if args.stdout:
         sys.stdout.write(document)
         return 0
@@ -136,10 +163,13 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="postroom", description=__doc__)
+    root = argparse.ArgumentParser(
+        prog="postroom", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_app_argument(root)
     sub = root.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker", help="start one pool's worker (plain celery worker)")
-    worker.add_argument("pool", help="a pool of config/pools.py")
+    worker.add_argument("pool", help="a pool of the deployment (postroom pools lists them)")
     worker.add_argument("celery_args", nargs=argparse.REMAINDER, help="passed on to celery worker")
     worker.set_defaults(run=_worker)
     up = sub.add_parser("up", help="start every pool, Flower and the HTTP API in the foreground")
@@ -150,11 +180,21 @@ def parser() -> argparse.ArgumentParser:
         "--no-metrics", action="store_true", help="do not start the Prometheus exporter"
     )
     up.set_defaults(run=_up)
-    sub.add_parser("flower", help="start Flower").set_defaults(run=_flower)
-    sub.add_parser("api", help="start the HTTP API (FastAPI; docs at /docs)").set_defaults(run=_api)
-    sub.add_parser(
-        "metrics", help="serve Prometheus metrics per message type and pool"
-    ).set_defaults(run=_metrics)
+    servers = (
+        ("flower", "start Flower", "FLOWER_ADDRESS", "FLOWER_PORT", _flower),
+        ("api", "start the HTTP API (FastAPI; docs at /docs)", "API_HOST", "API_PORT", _api),
+        (
+            "metrics",
+            "serve Prometheus metrics per message type and pool",
+            "METRICS_ADDRESS",
+            "METRICS_PORT",
+            _metrics,
+        ),
+    )
+    for name, help_, host, port, run in servers:
+        server = sub.add_parser(name, help=help_)
+        add_server_arguments(server, f"POSTROOM_{host}", f"POSTROOM_{port}", app=False)
+        server.set_defaults(run=run)
     sub.add_parser("demo", help="run the demo against running pools").set_defaults(run=_demo)
     sub.add_parser("pools", help="list the pools").set_defaults(run=_pools)
     schemas = sub.add_parser(
@@ -176,11 +216,14 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    deployment = load_or_exit(args.app)
     if args.command == "dlq":
-        return dlq.run(app, args)
+        return dlq.run(deployment.app, args)
     if args.command == "events":
-        return events.run(app, args)
-    code: int = args.run(args)
+        return events.run(deployment.app, args)
+    if args.command == "trace":
+        return trace.run(deployment.app, args)
+    code: int = args.run(args, deployment)
     return code
 
 

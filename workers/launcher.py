@@ -1,7 +1,8 @@
 """Starts worker pools and Flower as plain Celery processes, and stops them cleanly together.
 
-Each pool is one ``celery -A config worker`` process (with its own children), consuming only that
-pool's queues, so what runs here is exactly what a user could type by hand.
+Each pool is one ``celery -A <module> worker`` process (with its own children), consuming only
+that pool's queues, so what runs here is exactly what a user could type by hand. Every process is
+given the same app module (``postroom -A``; ``config``, this repository's deployment, by default).
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from collections.abc import Callable, Iterable
 
 from celery import Celery
 
-from config.pools import Pool
-from config.settings import Settings
+from postroom.settings import Settings
+from workers.deployment import APP_VARIABLE, DEFAULT_APP, Pool
 
 STOP_GRACE_SECONDS = 30.0
 
 
-def worker_argv(pool: Pool, settings: Settings) -> list[str]:
+def worker_argv(pool: Pool, settings: Settings, module: str = DEFAULT_APP) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "config", "worker",
+        sys.executable, "-m", "celery", "-A", module, "worker",
         "-Q", ",".join(pool.queues),
         "-c", str(pool.concurrency),
         "-P", pool.pool,
@@ -52,9 +53,10 @@ def flower_argv(settings: Settings) -> list[str]:
     ]  # fmt: skip
 
 
-def flower_env(settings: Settings) -> dict[str, str]:
-    """Credentials go to Flower through its environment, never its command line (visible in ps)."""
-    env = dict(os.environ)
+def flower_env(settings: Settings, module: str = DEFAULT_APP) -> dict[str, str]:
+    """Credentials go to Flower through its environment, never its command line (visible in ps);
+    so does the app module (workers/flower.py runs ``celery -A $POSTROOM_APP flower``)."""
+    env = dict(os.environ, **{APP_VARIABLE: module})
     if settings.flower_basic_auth:
         env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth
     return env
@@ -91,9 +93,12 @@ def wait_for_flower(settings: Settings, timeout: float = 60.0) -> None:
     _wait_for_http(url + "healthcheck", "Flower", url, timeout, any_status=True)
 
 
-def api_argv() -> list[str]:
-    """The HTTP API (workers/api.py); it reads its address from the settings, like every process."""
-    return [sys.executable, "-m", "workers.api"]
+def api_argv(settings: Settings, module: str = DEFAULT_APP) -> list[str]:
+    """The HTTP API (workers/api.py) of ``module``'s app, at the address of ``settings``."""
+    return [
+        sys.executable, "-m", "workers.api", "-A", module,
+        "--host", settings.api_host, "--port", str(settings.api_port),
+    ]  # fmt: skip
 
 
 def api_url(settings: Settings) -> str:
@@ -120,9 +125,12 @@ def wait_for_api(
     _wait_for_http(url + "openapi.json", "the HTTP API", url, timeout, check=exited)
 
 
-def metrics_argv() -> list[str]:
-    """The Prometheus exporter (workers/metrics.py); it reads its address from the settings."""
-    return [sys.executable, "-m", "workers.metrics"]
+def metrics_argv(settings: Settings, module: str = DEFAULT_APP) -> list[str]:
+    """The Prometheus exporter (workers/metrics.py) of ``module``'s app, at ``settings``' address."""
+    return [
+        sys.executable, "-m", "workers.metrics", "-A", module,
+        "--host", settings.metrics_address, "--port", str(settings.metrics_port),
+    ]  # fmt: skip
 
 
 def metrics_url(settings: Settings) -> str:

@@ -22,6 +22,7 @@ handles the restart). Gauges read the present state, so they are right from the 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -43,8 +44,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from config.settings import Settings
 from postroom.reliability import DeadLetters, reliability
+from postroom.settings import Settings
+from workers.deployment import add_server_arguments, load_or_exit, overridden
 
 logger = logging.getLogger("postroom.metrics")
 
@@ -385,13 +387,17 @@ def serve(app: Celery, settings: Settings) -> int:
     return 0
 
 
-def main() -> int:
-    from config import app, settings  # noqa: PLC0415  (loads every contract: the task names)
-
+def main(argv: list[str] | None = None) -> int:
+    """``postroom metrics``: serve /metrics on --host:--port (POSTROOM_METRICS_ADDRESS, _PORT)."""
+    parser = argparse.ArgumentParser(prog="postroom metrics", description=__doc__)
+    add_server_arguments(parser, "POSTROOM_METRICS_ADDRESS", "POSTROOM_METRICS_PORT")
+    args = parser.parse_args(argv)
+    deployment = load_or_exit(args.app)  # loads every contract: the task names
+    settings = overridden(deployment.settings, metrics_address=args.host, metrics_port=args.port)
     logging.basicConfig(
         level=settings.log_level, format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s"
     )
-    return serve(app, settings)
+    return serve(deployment.app, settings)
 
 
 if __name__ == "__main__":

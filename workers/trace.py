@@ -24,12 +24,10 @@ def add_parser(sub: Any) -> None:
         help="seconds after the conversation's start to look for its events (default 3600)",
     )
     parser.add_argument("--json", action="store_true", help="print it as JSON")
-    parser.set_defaults(run=_trace)
 
 
-def _trace(args: argparse.Namespace) -> int:
-    from config import app  # noqa: PLC0415  # the deployment's registry says who subscribes
-
+def run(app: Any, args: argparse.Namespace) -> int:
+    """``postroom trace``: ``app`` is the deployment's, whose registry says who subscribes."""
     found = conversation(app, args.correlation_id, timedelta(seconds=args.window))
     if not found.found:
         print(
