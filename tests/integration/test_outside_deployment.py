@@ -51,9 +51,35 @@ PACKAGE = {
 from celery import Celery
 
 import postroom
+from fleetapp.audit import AuditLog
 
+settings = postroom.Settings()
 app = Celery("fleetapp")
-postroom.install(app, imports=["fleetapp.dispatch", "fleetapp.reports"])
+postroom.install(
+    app,
+    settings,
+    imports=["fleetapp.dispatch", "fleetapp.reports"],
+    steps=[AuditLog(settings.state, f"{settings.namespace}:audit")],
+)
+""",
+    "audit.py": """
+import redis
+
+from postroom import Delivery, Outcome, Step
+from postroom.pipeline import Next
+
+
+class AuditLog(Step):
+    \"\"\"A user's own pipeline step: every handling, with its outcome, in a Redis list.\"\"\"
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url, key
+
+    def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
+        outcome = call_next(delivery)
+        with redis.Redis.from_url(self.url) as db:
+            db.rpush(self.key, f"{delivery.name} {outcome.status}")
+        return outcome
 """,
     "contracts.py": """
 from postroom import Command, Event, Query
@@ -113,16 +139,21 @@ SENDER = """
 import json
 import time
 
+import redis
+
 import fleetapp.celery  # makes the app, with postroom installed, the current one
 from fleetapp.contracts import DispatchTruck, GetDispatches
-from postroom import bus
+from postroom import bus, installation
 
 reply = bus.send(DispatchTruck(truck="T-7", route="north")).reply(timeout=30)
 deadline = time.monotonic() + 30
 while not (seen := bus.ask(GetDispatches(truck="T-7"), timeout=30).value):
     assert time.monotonic() < deadline, "the reports pool never saw TruckDispatched"
     time.sleep(0.2)
-print(json.dumps({"status": reply.status, "value": reply.value, "seen": seen}))
+settings = installation(fleetapp.celery.app).settings
+with redis.Redis.from_url(settings.state, decode_responses=True) as db:
+    audit = db.lrange(f"{settings.namespace}:audit", 0, -1)
+print(json.dumps({"status": reply.status, "value": reply.value, "seen": seen, "audit": audit}))
 """
 
 FORGETFUL = """
@@ -207,11 +238,16 @@ def test_a_command_from_another_process_gets_its_reply_and_the_pool_its_event(
     done = project.run(sys.executable, "-c", SENDER)
     assert done.returncode == 0, done.stderr + up[1].read_text()
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    audit = result.pop("audit")
     assert result == {
         "status": "succeeded",
         "value": {"truck": "T-7", "route": "north"},
         "seen": ["north"],
     }
+    # the deployment's own pipeline step ran in its workers, around every handling
+    assert "dispatch.DispatchTruck succeeded" in audit
+    assert "dispatch.TruckDispatched@reports handled" in audit
+    assert "reports.GetDispatches succeeded" in audit
 
 
 def test_flower_and_the_metrics_exporter_watch_the_same_app(
