@@ -6,6 +6,7 @@ from celery import Celery
 
 import postroom
 from config.settings import settings
+from tasks.state import database
 
 #: modules holding the reference services' contracts and handlers; POSTROOM_IMPORTS adds more
 SERVICE_MODULES = [
@@ -18,9 +19,12 @@ SERVICE_MODULES = [
 
 
 def create_app(settings: postroom.Settings) -> Celery:
-    """A Celery app of this deployment for these settings (tests make one per broker)."""
+    """A Celery app of this deployment for these settings (tests make one per broker).
+
+    The assets service keeps its state, inbox and outbox in PostgreSQL; the others in Redis.
+    """
     app = Celery("postroom")
-    postroom.install(app, settings, imports=SERVICE_MODULES)
+    postroom.install(app, settings, imports=SERVICE_MODULES, stores={"assets": database(settings)})
     return app
 
 

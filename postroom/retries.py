@@ -7,16 +7,20 @@ from dataclasses import dataclass
 
 import kombu.exceptions
 import redis.exceptions
+import sqlalchemy.exc
 
 from postroom.errors import TransientError
 
-#: failures worth retrying besides TransientError: the broker or a Redis store went away for a moment
+#: failures worth retrying besides TransientError: the broker, a Redis store or the database went
+#: away for a moment (a PostgreSQL restart, a connection dropped mid-commit; postroom.stores.sql
+#: turns any other error of a lost connection into a TransientError)
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TransientError,
     ConnectionError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     kombu.exceptions.OperationalError,
+    sqlalchemy.exc.OperationalError,
 )
 
 

@@ -14,7 +14,9 @@ clock. Then a test asserts on replies, published events and dead letters::
 
 Handlers are found in postroom's registry, so import the modules that declare them. A handler
 that writes through ``ctx.transaction()`` needs the Redis its state lives in:
-``Harness(state=redis_client)``; the writes are applied when the message settles, as in a worker.
+``Harness(state=redis_client)``, or, for a service whose state is in SQL, its store:
+``Harness(stores={"assets": SqlStore.from_url(...)})`` (its inbox and outbox are kept there
+too); the writes are applied when the message settles, as in a worker.
 
 Real brokers prove what only they can (redelivery, crashes, ordering across processes): the
 integration tests run the same pipeline in real Celery workers.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,7 @@ from postroom.registry import registry
 from postroom.reliability import DeadLetter
 from postroom.retries import RetryPolicy
 from postroom.signing import SIGNATURE, Signer
+from postroom.stores import InboxStore
 from postroom.stores.memory import MemoryDeadLetters, MemoryInbox
 from postroom.topology import (
     command_queue_name,
@@ -101,6 +104,7 @@ class Harness:
         self,
         *,
         state: redis.Redis | None = None,
+        stores: Mapping[str, InboxStore] | None = None,
         retry: RetryPolicy | None = None,
         poison_after: int = 3,
         signing_keys: Sequence[str] = (),
@@ -122,6 +126,7 @@ class Harness:
             poison_after=poison_after,
             signer=self.signer,
             sleep=self.clock.sleep,
+            stores=dict(stores or {}),
         )
         self.pipeline = Pipeline(default_steps(steps))
         self.replies: dict[str, Reply] = {}

@@ -1,24 +1,57 @@
 """The assets service from the seeds: it owns RegisterAsset, BindDevice and GetAsset.
 
 Its contracts live here, next to their owner: the service defines the schema of the commands it
-accepts. Senders import these classes and nothing else.
+accepts. Senders import these classes and nothing else. Its state lives in PostgreSQL (the tables
+below, created by tasks/migrations with postroom's own): a command's handler reads and writes
+through ``ctx.transaction()``, a SQLAlchemy Session that commits with the inbox mark and the
+events it published (config/celery.py gives the service its SQL store).
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import Field
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    MetaData,
+    String,
+    Table,
+    Text,
+    Uuid,
+    select,
+)
+from sqlalchemy.dialects.postgresql import insert
 
 from postroom import Command, Event, HandlerContext, Query, Rejected, handles
-from tasks.state import client, key
+from tasks.state import database
 
 SERVICE = "assets"
 #: asset IDs derive from the command's message ID, so a redelivered command finds its own asset
 _ASSET_IDS = uuid.UUID("6d0f8a52-2f4e-4d8e-9b1c-3a7f0e6b5c21")
+
+#: as tasks/migrations creates them (in POSTROOM_DATABASE_SCHEMA)
+metadata = MetaData()
+assets = Table(
+    "assets",
+    metadata,
+    Column("asset_id", Uuid, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("description", Text),
+    Column("attributes", JSON, nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+)
+devices = Table(
+    "asset_devices",
+    metadata,
+    Column("device_id", Uuid, primary_key=True),
+    Column("asset_id", Uuid, ForeignKey("assets.asset_id"), nullable=False, index=True),
+)
 
 
 class RegisterAsset(Command):
@@ -50,32 +83,26 @@ class DeviceBound(Event):
     bound_at: datetime
 
 
-def _asset_key(asset_id: uuid.UUID | str) -> str:
-    return key(SERVICE, "asset", str(asset_id))
-
-
-def _load(asset_id: uuid.UUID) -> dict[str, Any] | None:
-    raw = client().get(_asset_key(asset_id))
-    return None if raw is None else dict(json.loads(raw))
-
-
 @handles(RegisterAsset, service=SERVICE)
 def register_asset(cmd: RegisterAsset, ctx: HandlerContext) -> dict[str, str]:
-    """Store the asset, then tell whoever cares; the reply carries the new asset's ID.
+    """Store the asset and announce it; the reply carries the new asset's ID.
 
-    The event goes out before the write commits (together with the inbox mark, in one
-    transaction): a crash in between runs the handler again, which publishes the same event ID
-    again, and subscribers drop the repeat. The other order could lose the event.
+    The row, the inbox mark and the event commit together; the event leaves once they have.
+    Two copies of the command running at once both get here; the one whose mark commits first
+    wins, and the other's insert is a no-op dropped with its transaction.
     """
+    session = ctx.transaction()
     asset_id = uuid.uuid5(_ASSET_IDS, ctx.message_id)
-    record = _load(asset_id) or {
-        "asset_id": str(asset_id),
-        "name": cmd.name,
-        "description": cmd.description,
-        "attributes": cmd.attributes,
-        "registered_at": datetime.now(UTC).isoformat(),
-    }
-    ctx.transaction().set(_asset_key(asset_id), json.dumps(record), nx=True)
+    record = session.execute(select(assets).filter_by(asset_id=asset_id)).mappings().first()
+    if record is None:
+        record = {
+            "asset_id": asset_id,
+            "name": cmd.name,
+            "description": cmd.description,
+            "attributes": cmd.attributes,
+            "registered_at": datetime.now(UTC),
+        }
+        session.execute(insert(assets).values(record).on_conflict_do_nothing())
     ctx.publish(
         AssetRegistered(
             asset_id=asset_id,
@@ -90,15 +117,18 @@ def register_asset(cmd: RegisterAsset, ctx: HandlerContext) -> dict[str, str]:
 
 @handles(BindDevice, service=SERVICE)
 def bind_device(cmd: BindDevice, ctx: HandlerContext) -> dict[str, str]:
-    if _load(cmd.asset_id) is None:
+    session = ctx.transaction()
+    if session.scalar(select(assets.c.asset_id).filter_by(asset_id=cmd.asset_id)) is None:
         raise Rejected(f"asset {cmd.asset_id} does not exist: register it first")
-    device_key = key(SERVICE, "device", str(cmd.device_id))
-    owner = client().get(device_key)
-    if owner is not None and owner != str(cmd.asset_id):
+    # a binding of the same device in flight elsewhere makes this wait, then see its asset
+    session.execute(
+        insert(devices)
+        .values(device_id=cmd.device_id, asset_id=cmd.asset_id)
+        .on_conflict_do_nothing()
+    )
+    owner = session.scalar(select(devices.c.asset_id).filter_by(device_id=cmd.device_id))
+    if owner != cmd.asset_id:
         raise Rejected(f"device {cmd.device_id} is already bound to asset {owner}")
-    tx = ctx.transaction()
-    tx.set(device_key, str(cmd.asset_id))
-    tx.sadd(key(SERVICE, "devices", str(cmd.asset_id)), str(cmd.device_id))
     ctx.publish(
         DeviceBound(asset_id=cmd.asset_id, device_id=cmd.device_id, bound_at=datetime.now(UTC))
     )
@@ -107,8 +137,14 @@ def bind_device(cmd: BindDevice, ctx: HandlerContext) -> dict[str, str]:
 
 @handles(GetAsset, service=SERVICE)
 def get_asset(query: GetAsset, ctx: HandlerContext) -> dict[str, Any]:
-    asset = _load(query.asset_id)
-    if asset is None:
-        raise Rejected(f"asset {query.asset_id} does not exist")
-    asset["devices"] = sorted(client().smembers(key(SERVICE, "devices", str(query.asset_id))))
+    """A query changes nothing: it reads on a connection of its own, not ctx.transaction()."""
+    with database().engine.connect() as conn:
+        found = conn.execute(select(assets).filter_by(asset_id=query.asset_id)).mappings().first()
+        if found is None:
+            raise Rejected(f"asset {query.asset_id} does not exist")
+        bound = conn.scalars(select(devices.c.device_id).filter_by(asset_id=query.asset_id))
+        asset = dict(found)
+        asset["devices"] = sorted(str(device_id) for device_id in bound)
+    asset["asset_id"] = str(asset["asset_id"])
+    asset["registered_at"] = asset["registered_at"].astimezone(UTC).isoformat()
     return asset

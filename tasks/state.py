@@ -1,14 +1,21 @@
-"""Where the reference services keep their state: a real Redis, each service under its own keys."""
+"""Where the reference services keep their state: the assets service in PostgreSQL, the others in
+a real Redis, each service under its own keys."""
 
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import redis
 
+from postroom.stores.sql import SqlStore
+
 if TYPE_CHECKING:
     from config.settings import Settings
+
+#: the assets service's own revisions, run with postroom's (``postroom migrate``)
+MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def _settings() -> Settings:
@@ -26,3 +33,15 @@ def client() -> redis.Redis:
 
 def key(service: str, *parts: str) -> str:
     return ":".join((_settings().namespace, service, *parts))
+
+
+def database(settings: Settings | None = None) -> SqlStore:
+    """The assets service's PostgreSQL (POSTROOM_DATABASE_URL, POSTROOM_DATABASE_SCHEMA): its
+    rows, inbox and outbox. One store, so one connection pool, per process and database."""
+    settings = settings or _settings()
+    return _database(settings.database_url, settings.database_schema)
+
+
+@cache
+def _database(url: str, schema: str) -> SqlStore:
+    return SqlStore.from_url(url, schema, migrations=[MIGRATIONS])

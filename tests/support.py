@@ -2,7 +2,8 @@
 
 Each context gets its own namespace (a Redis key prefix for the broker and the services' state) or
 its own RabbitMQ vhost, and uses Redis DBs 11 (broker) and 12 (replies, state) rather than the
-defaults, so tests never see each other's messages nor touch a developer's data.
+defaults, so tests never see each other's messages nor touch a developer's data. The assets
+service's tables go to a PostgreSQL schema named after the namespace, in the database ``test``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from celery import Celery
 from config.celery import create_app
 from config.pools import Pool
 from config.settings import Settings
+from tasks.state import database
 from workers.launcher import wait_until_ready, worker_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +31,7 @@ REDIS = "redis://127.0.0.1:6379"
 BROKER_DB, STATE_DB = 11, 12
 BROKERS = ["redis", "rabbitmq"]
 TEST_SERVICES = "tests.integration.services"
+DATABASE = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
 def _rabbitmqctl(*args: str) -> None:
@@ -120,6 +123,9 @@ class BrokerContext:
                     client.delete(*keys[start : start + 1000])
         if self.vhost:
             _rabbitmqctl("delete_vhost", self.vhost)
+        store = database(self.settings)
+        store.drop_schema()
+        store.engine.dispose()
 
 
 def broker_context(kind: str, workdir: Path, **overrides: str) -> BrokerContext:
@@ -143,12 +149,15 @@ def broker_context(kind: str, workdir: Path, **overrides: str) -> BrokerContext:
         "retry_backoff_max": "0.2",
         "reply_ttl": "900",
         "log_level": "INFO",
+        "database_url": DATABASE,
+        "database_schema": namespace,
         **overrides,
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("POSTROOM_")}
     env.update({f"POSTROOM_{name.upper()}": value for name, value in values.items()})
     env["PYTHONUNBUFFERED"] = "1"
     settings = Settings.from_env(env)
+    database(settings).migrate()
     return BrokerContext(kind, env, settings, create_app(settings), workdir, vhost)
 
 

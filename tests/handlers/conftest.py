@@ -1,4 +1,5 @@
-"""The reference services under postroom.testing: their state in a Redis DB of the tests' own."""
+"""The reference services under postroom.testing: the assets service's state in a PostgreSQL
+schema of this module's own, the others' in a Redis DB of the tests' own."""
 
 from __future__ import annotations
 
@@ -9,20 +10,37 @@ import pytest
 
 import tasks.state
 from postroom.settings import Settings
+from postroom.stores.sql import SqlStore
 from postroom.testing import Harness
+from tests.support import DATABASE
 
 STATE = "redis://127.0.0.1:6379/13"
 
 
+@pytest.fixture(scope="module")
+def schema() -> Iterator[str]:
+    """A PostgreSQL schema for this module, migrated once, dropped at the end."""
+    name = f"h{uuid.uuid4().hex[:10]}"
+    store = tasks.state.database(Settings(database_url=DATABASE, database_schema=name))
+    store.migrate()
+    yield name
+    store.drop_schema()
+    store.engine.dispose()
+    tasks.state._database.cache_clear()
+
+
 @pytest.fixture
-def harness(monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
-    """A harness whose handlers keep their state under a namespace of this test's own."""
+def harness(monkeypatch: pytest.MonkeyPatch, schema: str) -> Iterator[Harness]:
+    """A harness whose handlers keep their state under a namespace (and schema) of their own."""
     namespace = f"h{uuid.uuid4().hex[:10]}"
-    settings = Settings(state_url=STATE, namespace=namespace)
+    settings = Settings(
+        state_url=STATE, namespace=namespace, database_url=DATABASE, database_schema=schema
+    )
     monkeypatch.setattr(tasks.state, "_settings", lambda: settings)
     tasks.state.client.cache_clear()
     client = tasks.state.client()
-    yield Harness(state=client)
+    assets: SqlStore = tasks.state.database()
+    yield Harness(state=client, stores={"assets": assets})
     keys = list(client.scan_iter(f"{namespace}:*", count=1000))
     if keys:
         client.delete(*keys)
