@@ -1,0 +1,123 @@
+"""What only the SQL store has to prove: its migrations, and a race or a lost connection at
+commit time, on a real PostgreSQL (a schema of each test's own, dropped at the end)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import registry
+
+import tasks.state
+from postroom.retries import RetryPolicy
+from postroom.stores.sql import VERSION_TABLE, SqlStore, inbox
+from tests.stores.conftest import kv
+from tests.support import DATABASE
+
+
+@pytest.fixture
+def store() -> Iterator[SqlStore]:
+    store = SqlStore.from_url(
+        DATABASE, f"s{uuid.uuid4().hex[:10]}", migrations=[tasks.state.MIGRATIONS]
+    )
+    yield store
+    store.drop_schema()
+    store.engine.dispose()
+
+
+def _versions(store: SqlStore) -> set[str]:
+    with store.engine.connect() as conn:
+        return set(conn.scalars(text(f'SELECT version_num FROM "{store.schema}".{VERSION_TABLE}')))
+
+
+def _tables(store: SqlStore) -> set[str]:
+    query = "SELECT table_name FROM information_schema.tables WHERE table_schema = :schema"
+    with store.engine.connect() as conn:
+        return set(conn.scalars(text(query), {"schema": store.schema}))
+
+
+def test_migrate_creates_the_schema_and_every_table_once_however_often_it_runs(
+    store: SqlStore,
+) -> None:
+    migrations = [threading.Thread(target=store.migrate) for _ in range(3)]
+    for thread in migrations:
+        thread.start()
+    for thread in migrations:
+        thread.join(30)
+    store.migrate()
+    assert _versions(store) == {"postroom_0001", "assets_0001"}
+    assert _tables(store) == {
+        VERSION_TABLE, "postroom_inbox", "postroom_runs", "postroom_outbox", "assets", "asset_devices"
+    }  # fmt: skip
+
+
+def test_the_handler_reads_its_own_writes_through_the_session(store: SqlStore) -> None:
+    store.migrate()
+    kv.create(store.engine)
+    session = store.transaction()
+    session.execute(insert(kv).values(k="a", v="1"))
+    assert session.scalar(select(kv.c.v).where(kv.c.k == "a")) == "1"
+    assert store.settle(session, "assets", [str(uuid.uuid4())], {"status": "handled"}) is True
+    assert not session.in_transaction()  # closed by settle
+
+
+def test_a_copy_that_marks_the_message_first_wins_even_mid_commit(store: SqlStore) -> None:
+    store.migrate()
+    message = str(uuid.uuid4())
+    rival = store.transaction()  # a concurrent copy, its mark written, not committed yet
+    rival.execute(insert(inbox).values(owner="assets", message_id=message, outcome={"n": 1}))
+    results: list[bool] = []
+    settling = threading.Thread(
+        target=lambda: results.append(store.settle(None, "assets", [message], {"n": 2}))
+    )
+    settling.start()
+    settling.join(0.5)
+    assert settling.is_alive()  # waiting on the rival's row
+    rival.commit()
+    rival.close()
+    settling.join(10)
+    assert results == [False]
+    assert store.outcome("assets", message) == {"n": 1}
+
+
+class Pair:
+    """A row of the test table, as a handler's ORM object."""
+
+    def __init__(self, k: str, v: str) -> None:
+        self.k, self.v = k, v
+
+
+registry().map_imperatively(Pair, kv)
+
+
+def test_a_handler_row_that_violates_a_constraint_fails_the_commit_and_marks_nothing(
+    store: SqlStore,
+) -> None:
+    store.migrate()
+    kv.create(store.engine)
+    first = store.transaction()
+    first.add(Pair("a", "1"))
+    store.settle(first, "assets", [str(uuid.uuid4())], {})
+    message = str(uuid.uuid4())
+    second = store.transaction()
+    second.add(Pair("a", "2"))  # flushed at commit, after the mark: no lost race, a real error
+    with pytest.raises(IntegrityError):
+        store.settle(second, "assets", [message], {})
+    assert store.outcome("assets", message) is None
+
+
+def test_a_connection_dropped_before_the_commit_is_a_transient_error(store: SqlStore) -> None:
+    store.migrate()
+    message = str(uuid.uuid4())
+    session = store.transaction()
+    pid = session.scalar(select(func.pg_backend_pid()))
+    with store.engine.begin() as conn:  # the database drops the handler's connection
+        conn.execute(select(func.pg_terminate_backend(pid)))
+    with pytest.raises(RetryPolicy().retry_on):
+        store.settle(session, "assets", [message], {"status": "handled"})
+    assert store.outcome("assets", message) is None  # nothing committed; the retry will
+    assert store.settle(None, "assets", [message], {"status": "handled"}) is True
