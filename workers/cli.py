@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from postroom import MessageBus, schema
+from postroom import MessageBus, installation, schema
 from workers import dlq, events, trace
 from workers.deployment import (
     Deployment,
@@ -65,6 +65,30 @@ def _metrics(args: argparse.Namespace, deployment: Deployment) -> int:
     os.execv(argv[0], argv)  # become the exporter: SIGTERM reaches it directly
 
 
+def migrated(deployment: Deployment) -> bool:
+    """Bring every SQL store of the deployment (``install(..., stores=...)``) to its newest
+    schema; False, having said why, if one could not be."""
+    stores = {
+        id(s): s for s in installation(deployment.app).stores.values() if hasattr(s, "migrate")
+    }
+    for store in stores.values():
+        try:
+            store.migrate()
+        except Exception as exc:
+            print(
+                f"postroom: cannot migrate {store!r}: {type(exc).__name__}: {exc} "
+                "(is the database up? scripts/postgres.sh starts this machine's PostgreSQL)",
+                file=sys.stderr,
+            )
+            return False
+        print(f"postroom: migrated {store!r}", flush=True)
+    return True
+
+
+def _migrate(_: argparse.Namespace, deployment: Deployment) -> int:
+    return 0 if migrated(deployment) else 1
+
+
 def _up(args: argparse.Namespace, deployment: Deployment) -> int:
     app, settings, module, pools = (
         deployment.app, deployment.settings, deployment.module, deployment.pools
@@ -76,6 +100,8 @@ def _up(args: argparse.Namespace, deployment: Deployment) -> int:
             file=sys.stderr,
         )
         return 2
+    if not migrated(deployment):  # before any worker handles a message
+        return 1
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     for pool in pools:
@@ -197,6 +223,9 @@ def parser() -> argparse.ArgumentParser:
         server.set_defaults(run=run)
     sub.add_parser("demo", help="run the demo against running pools").set_defaults(run=_demo)
     sub.add_parser("pools", help="list the pools").set_defaults(run=_pools)
+    sub.add_parser(
+        "migrate", help="create or upgrade the tables of every SQL store (postroom up does it too)"
+    ).set_defaults(run=_migrate)
     schemas = sub.add_parser(
         "schema", help="write each contract's JSON Schema and an AsyncAPI 3.0.0 document"
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from postroom.settings import Settings
+from tests.support import DATABASE
 from workers.cli import main, parser
 from workers.deployment import (
     APP_VARIABLE,
@@ -138,3 +139,24 @@ def test_a_module_that_cannot_be_imported_is_refused_saying_where_to_run(
         main(["-A", "no_such_module_here", "pools"])
     assert exited.value.code == 2
     assert "run postroom from the directory holding your package" in capsys.readouterr().err
+
+
+def test_migrate_brings_every_sql_store_of_the_app_to_its_newest_schema(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name, schema = _unique(), f"m{uuid.uuid4().hex[:10]}"
+    (project / f"{name}.py").write_text(
+        "from celery import Celery\nimport postroom\nfrom postroom.stores.sql import SqlStore\n"
+        f"store = SqlStore.from_url({DATABASE!r}, {schema!r})\n"
+        f"app = Celery({name!r}, set_as_current=False)\n"
+        "postroom.install(app, postroom.Settings.from_env({}), stores={'a': store, 'b': store})\n"
+    )
+    try:
+        assert main(["-A", name, "migrate"]) == 0
+        assert main(["-A", name, "migrate"]) == 0  # nothing left to do: no error
+        assert capsys.readouterr().out.count("migrated SqlStore") == 2  # once per store
+        assert load(name).app.conf.postroom.stores["a"].pending() == 0  # the tables are there
+    finally:
+        store = load(name).app.conf.postroom.stores["a"]
+        store.drop_schema()
+        store.engine.dispose()
