@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test brokers install
+.PHONY: up test brokers postgres install
 
-up: install brokers
+up: install brokers postgres
 	$(BIN)/postroom up --demo
 
-test: install brokers
+test: install brokers postgres
 	bash scripts/browser.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -17,6 +17,9 @@ test: install brokers
 
 brokers:
 	bash scripts/brokers.sh
+
+postgres:  # the assets service's database; `postroom up` migrates it
+	bash scripts/postgres.sh
 
 install: $(VENV)/.installed
 

@@ -54,3 +54,24 @@ def test_docker_compose_runs_every_pool_and_flower_on_both_brokers() -> None:
     assert api["command"] == ["postroom", "api"]
     assert api["environment"]["POSTROOM_API_HOST"] == "0.0.0.0"  # reachable from the host
     assert any(str(p).endswith(":8000") for p in api["ports"])
+
+
+def test_docker_compose_runs_postgresql_and_migrates_it_before_any_pool_starts() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    postgres = services["postgres"]
+    assert postgres["image"] == "postgres:15"
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    migrate = services["migrate"]
+    assert migrate["command"] == ["postroom", "migrate"]
+    assert migrate["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    user, password = (
+        postgres["environment"]["POSTGRES_USER"],
+        postgres["environment"]["POSTGRES_PASSWORD"],
+    )
+    database = postgres["environment"]["POSTGRES_DB"]
+    url = f"postgresql+psycopg://{user}:{password}@postgres:5432/{database}"
+    for pool in POOLS:
+        service = services[f"pool-{pool.name}"]
+        assert service["environment"]["POSTROOM_DATABASE_URL"] == url
+        assert service["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
+    assert migrate["environment"]["POSTROOM_DATABASE_URL"] == url
