@@ -18,7 +18,7 @@ STATE = "redis://127.0.0.1:6379/13"
 
 
 @pytest.fixture(scope="module")
-def schema() -> Iterator[str]:
+def assets_schema() -> Iterator[str]:
     """A PostgreSQL schema for this module, migrated once, dropped at the end."""
     name = f"h{uuid.uuid4().hex[:10]}"
     store = tasks.state.database(Settings(database_url=DATABASE, database_schema=name))
@@ -30,11 +30,11 @@ def schema() -> Iterator[str]:
 
 
 @pytest.fixture
-def harness(monkeypatch: pytest.MonkeyPatch, schema: str) -> Iterator[Harness]:
+def harness(monkeypatch: pytest.MonkeyPatch, assets_schema: str) -> Iterator[Harness]:
     """A harness whose handlers keep their state under a namespace (and schema) of their own."""
     namespace = f"h{uuid.uuid4().hex[:10]}"
     settings = Settings(
-        state_url=STATE, namespace=namespace, database_url=DATABASE, database_schema=schema
+        state_url=STATE, namespace=namespace, database_url=DATABASE, database_schema=assets_schema
     )
     monkeypatch.setattr(tasks.state, "_settings", lambda: settings)
     tasks.state.client.cache_clear()

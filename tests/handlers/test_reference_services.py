@@ -8,9 +8,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
+from sqlalchemy import select
+
+import tasks.state
 from postroom.testing import Harness
 from tasks.analytics import GetAssetStats
-from tasks.assets import AssetRegistered, BindDevice, DeviceBound, GetAsset, RegisterAsset
+from tasks.assets import AssetRegistered, BindDevice, DeviceBound, GetAsset, RegisterAsset, assets
 from tasks.geofence import (
     AssetEnteredGeofence,
     Circle,
@@ -97,3 +100,19 @@ def test_a_position_inside_a_geofence_enters_it_and_notifies(harness: Harness) -
     assert harness.ask(GetAssetGeofences(asset_id=truck)).value["inside"] == ["depot"]
     notes = harness.ask(ListNotifications(asset_id=truck)).value
     assert [n["text"] for n in notes] == ["Entered geofence 'depot' at 2026-11-23T09:05:00+00:00"]
+
+
+def test_the_assets_service_commits_its_row_and_inbox_mark_in_postgresql(harness: Harness) -> None:
+    sent = harness.send(RegisterAsset(name="Tug 4"))
+    asset_id = uuid.UUID(sent.reply().value["asset_id"])
+    store = tasks.state.database()
+    with store.engine.connect() as conn:
+        name = conn.scalar(select(assets.c.name).where(assets.c.asset_id == asset_id))
+    assert name == "Tug 4"
+    assert store.outcome("assets", sent.envelope.message_id) == sent.reply().model_dump(mode="json")
+    assert store.pending() == 0  # the event was dispatched, so its outbox entry is gone
+    refused = harness.send(BindDevice(asset_id=uuid.uuid4(), device_id=uuid.uuid4()))
+    assert refused.reply().status == "rejected"
+    marked = store.outcome("assets", refused.envelope.message_id)
+    assert marked is not None
+    assert marked["status"] == "rejected"
