@@ -6,13 +6,15 @@ tables without a schema land in the store's schema, and that schema's name for t
 
 from alembic import context
 
+from postroom.stores.sql import VERSION_TABLE
+
 config = context.config
 connection = config.attributes["connection"]
 
 context.configure(
     connection=connection,
     target_metadata=None,
-    version_table="postroom_alembic_version",
+    version_table=VERSION_TABLE,
     version_table_schema=config.attributes.get("schema"),
 )
 with context.begin_transaction():
