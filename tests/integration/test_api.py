@@ -7,7 +7,6 @@ HTTP with httpx.
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -20,9 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from config.pools import pool_named
-from tasks.assets import RegisterAsset
+from tasks.assets import RegisterAsset, assets
+from tasks.state import database
 from tests.support import ROOT, BrokerContext, WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
@@ -136,13 +137,11 @@ def _poll(http: httpx.Client, location: str, timeout: float = 60.0) -> httpx.Res
 
 
 def _assets_named(broker: BrokerContext, name: str) -> list[str]:
-    """IDs of the assets the assets service stored under ``name``: the effect itself, counted."""
-    ids = []
-    for key in broker.state().scan_iter(broker.key("assets", "asset", "*"), count=1000):
-        record = json.loads(broker.state().get(key) or "{}")
-        if record.get("name") == name:
-            ids.append(record["asset_id"])
-    return ids
+    """IDs of the assets the assets service stored under ``name`` (in its PostgreSQL schema): the
+    effect itself, counted."""
+    with database(broker.settings).engine.connect() as conn:
+        found = conn.scalars(select(assets.c.asset_id).where(assets.c.name == name))
+        return [str(asset_id) for asset_id in found]
 
 
 def test_post_answers_201_with_the_asset_and_its_location(api: httpx.Client) -> None:
