@@ -10,7 +10,7 @@ rather than falling back to Celery's defaults (amqp://localhost, no result backe
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -20,7 +20,7 @@ from celery.signals import celeryd_after_setup
 
 from postroom import telemetry
 from postroom._celery import transport
-from postroom._celery.bootsteps import PartitionLeasing, consume_unrouted
+from postroom._celery.bootsteps import OutboxSweep, PartitionLeasing, consume_unrouted
 from postroom.errors import NotInstalled
 from postroom.eventlog import RedisStreamStore
 from postroom.pipeline import Pipeline, Runtime, Step, default_steps
@@ -30,6 +30,7 @@ from postroom.retries import RetryPolicy
 from postroom.routing import Router
 from postroom.settings import Settings
 from postroom.signing import Signer
+from postroom.stores import InboxStore
 from postroom.topology import UNROUTED_QUEUE, declared_queues
 
 _CONF_KEY = "postroom"
@@ -42,6 +43,8 @@ class Installation:
     app: celery.Celery
     settings: Settings
     steps: Sequence[Step] = ()
+    #: owners (services, pools) whose inbox, outbox and writes live in a store of their own
+    stores: Mapping[str, InboxStore] = field(default_factory=dict)
     reliability: Reliability = field(init=False)
     event_log: RedisStreamStore = field(init=False)
     signer: Signer | None = field(init=False)
@@ -78,6 +81,7 @@ class Installation:
             retry=self.retry,
             poison_after=self.reliability.poison_after,
             signer=self.signer,
+            stores=dict(self.stores),
         )
 
 
@@ -125,17 +129,20 @@ def install(
     *,
     imports: Iterable[str] = (),
     steps: Sequence[Step] = (),
+    stores: Mapping[str, InboxStore] | None = None,
 ) -> Installation:
     """Make ``app`` a postroom app; returns what was installed.
 
     ``imports`` are the modules holding your contracts and handlers (POSTROOM_IMPORTS adds
     more): they are imported first, since queues and routes derive from the handlers found.
     ``steps`` are your own pipeline steps, run around each handler call (outermost first).
+    ``stores`` names the services or pools whose state, inbox and outbox live in a store of
+    their own (``postroom.stores.sql.SqlStore``); the others keep theirs in Redis.
     """
     settings = settings if settings is not None else Settings()
     for module in [*imports, *settings.extra_imports]:
         importlib.import_module(module)
-    installed = Installation(app, settings, tuple(steps))
+    installed = Installation(app, settings, tuple(steps), dict(stores or {}))
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
@@ -155,6 +162,7 @@ def install(
         **{_CONF_KEY: installed},
     )
     app.steps["consumer"].add(PartitionLeasing)
+    app.steps["consumer"].add(OutboxSweep)
     celeryd_after_setup.connect(consume_unrouted, weak=False, dispatch_uid="postroom.unrouted")
     telemetry.configure(settings)
     return installed

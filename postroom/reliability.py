@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -23,6 +24,7 @@ import redis
 
 from postroom._celery.redispy import take_queued
 from postroom.headers import uuid7
+from postroom.outbox import Entry
 
 
 def derived_id(parent: str, n: int) -> str:
@@ -93,6 +95,19 @@ return 1
 """
 
 
+#: outbox entries due before ARGV[1], at most ARGV[3]: each re-scored to ARGV[2] (claimed)
+_CLAIM = """
+local members = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local found = {}
+for _, member in ipairs(members) do
+  redis.call('ZADD', KEYS[1], ARGV[2], member)
+  table.insert(found, member)
+  table.insert(found, redis.call('HGET', KEYS[2], member) or '')
+end
+return found
+"""
+
+
 class Inbox:
     """Which message IDs an owner has handled, with the reply a command got."""
 
@@ -131,12 +146,60 @@ class Inbox:
         """A pipeline a handler queues its writes on; applied by ``settle``, never executed."""
         return self.client.pipeline(transaction=False)
 
-    def settle(self, tx: Any, owner: str, message_ids: list[str], outcome: dict[str, Any]) -> bool:
-        """Mark every ID handled, with the writes queued on ``tx`` (if any), in one atomic step."""
+    def settle(
+        self,
+        tx: Any,
+        owner: str,
+        message_ids: list[str],
+        outcome: dict[str, Any],
+        outbox: Sequence[Entry] = (),
+    ) -> bool:
+        """Mark every ID handled, with the writes queued on ``tx`` (if any) and the outbox
+        entries, in one atomic step."""
         tx = self.transaction() if tx is None else tx
+        for entry in outbox:
+            member = f"{owner}|{entry.message_id}"
+            tx.hset(self._outbox, member, entry.to_json())
+            tx.zadd(self._outbox_due, {member: entry.at})
         for message_id in message_ids:
             self.mark(tx, owner, message_id, outcome)
         return self.commit(tx, owner, message_ids[0])
+
+    def discard(self, tx: Any) -> None:
+        if tx is not None:
+            tx.reset()
+
+    @property
+    def _outbox(self) -> str:
+        return f"{self.config.namespace}:outbox"
+
+    @property
+    def _outbox_due(self) -> str:
+        return f"{self.config.namespace}:outbox:due"
+
+    def delivered(self, owner: str, entry_ids: list[str]) -> None:
+        members = [f"{owner}|{entry_id}" for entry_id in entry_ids]
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.hdel(self._outbox, *members)
+            pipe.zrem(self._outbox_due, *members)
+            pipe.execute()
+
+    def claim_stale(self, grace: float, limit: int) -> list[tuple[str, Entry]]:
+        now = time.time()
+        found = self._claim(keys=[self._outbox_due, self._outbox], args=[now - grace, now, limit])
+        claimed = []
+        for member, raw in zip(found[0::2], found[1::2], strict=True):
+            if raw:  # delivered meanwhile: the hash entry is gone
+                claimed.append((str(member).split("|", 1)[0], Entry.from_json(raw)))
+        return claimed
+
+    def pending(self) -> int:
+        """Outbox entries not dispatched yet, of every owner."""
+        return int(self.client.zcard(self._outbox_due))
+
+    @cached_property
+    def _claim(self) -> Any:
+        return self.client.register_script(_CLAIM)
 
     def done_key(self, owner: str, message_id: str) -> str:
         return self._key("done", owner, message_id)

@@ -132,6 +132,22 @@ class Settings(BaseSettings):
         10,
         description="seconds before a crashed worker's partition queues are taken over by the others",
     )
+    outbox_grace: float = Field(
+        10.0,
+        description="seconds a committed outbox entry waits for its own worker to dispatch it "
+        "before the outbox sweep sends it (its worker died in between)",
+    )
+    outbox_sweep: float = Field(
+        5.0, description="seconds between two outbox sweeps of a worker; 0 turns its sweep off"
+    )
+    database_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+        description="PostgreSQL of the services that keep their state in SQL (the assets "
+        "service): their rows, inbox and outbox commit in one transaction",
+    )
+    database_schema: str = Field(
+        "", description="schema of those tables; empty: the database's default (`public`)"
+    )
     log_level: str = Field("INFO", description="log level of workers and Flower")
     log_format: str = Field(
         "auto",

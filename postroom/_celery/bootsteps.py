@@ -1,4 +1,4 @@
-"""What postroom adds to a Celery worker: partition leases, and the unrouted queue.
+"""What postroom adds to a Celery worker: partition leases, the outbox sweep, the unrouted queue.
 
 The partition leasing logic (postroom.partitions) asks the worker three things through
 WorkerHooks; the answers here touch Celery's consumer, its worker state and kombu's Redis
@@ -8,16 +8,21 @@ storage format, which is why they live in this package.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from typing import Any
 
 import redis
 from celery import bootsteps
 from celery.worker import state as worker_state
 
+from postroom.outbox import Relay
 from postroom.partitions import LeaseBoard, PartitionLeaser, partition_count
 from postroom.registry import registry
 from postroom.reliability import reliability
 from postroom.topology import UNROUTED_QUEUE, command_queue_name
+
+logger = logging.getLogger(__name__)
 
 #: put one unacknowledged message back at the head of its queue, unless someone else already did
 _RESTORE = """
@@ -135,3 +140,53 @@ def consume_unrouted(sender: Any = None, instance: Any = None, **_: Any) -> None
     if app is None or app.conf.get("postroom") is None:
         return  # a plain Celery app in the same process: not ours to change
     app.amqp.queues.select_add(UNROUTED_QUEUE)
+
+
+class OutboxSweeper(threading.Thread):
+    """Every few seconds, sends what a dead worker committed and never dispatched."""
+
+    def __init__(self, relay: Relay, stores: list[Any], grace: float, interval: float) -> None:
+        super().__init__(name="postroom-outbox-sweep", daemon=True)
+        self.relay, self.stores, self.grace, self.interval = relay, stores, grace, interval
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for store in self.stores:
+                try:
+                    self.relay.sweep(store, self.grace)
+                except Exception:
+                    logger.exception("outbox sweep failed; will try again")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class OutboxSweep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: every worker sweeps the outboxes of its deployment's stores."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.sweeper: OutboxSweeper | None = None
+
+    def start(self, c: Any) -> None:
+        from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+        installed = installation(c.app)
+        settings, runtime = installed.settings, installed.runtime
+        if settings.outbox_sweep <= 0:
+            return
+        stores = list({id(s): s for s in [runtime.inbox, *runtime.stores.values()]}.values())
+        self.sweeper = OutboxSweeper(
+            runtime.relay, stores, settings.outbox_grace, settings.outbox_sweep
+        )
+        self.sweeper.start()
+
+    def stop(self, c: Any) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+            self.sweeper = None
+
+    shutdown = stop

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from postroom.errors import WrongMessageKind
 from postroom.headers import Envelope
-from postroom.messages import Event
+from postroom.messages import Command, Event, Query
+from postroom.outbox import Entry
 from postroom.pipeline.delivery import Delivery
 from postroom.reliability import derived_id
 
 
 class HandlerContext:
-    """Made afresh for each attempt, so a retried run starts with no writes and no events."""
+    """Made afresh for each attempt, so a retried run starts with no writes and no messages."""
 
     def __init__(self, delivery: Delivery) -> None:
         assert delivery.envelope is not None
@@ -19,8 +21,9 @@ class HandlerContext:
         self.attempt = delivery.attempt
         self.owner = delivery.owner
         self._delivery = delivery
-        self._published = 0
         self._transaction: Any = None
+        #: what this run sent or published, to be recorded with its writes
+        self.outbox: list[Entry] = []
 
     @property
     def message_id(self) -> str:
@@ -35,32 +38,73 @@ class HandlerContext:
         return self.envelope.causation_id
 
     def publish(self, event: Event) -> str:
-        """Publish an event caused by this message, in the same conversation.
+        """Publish an event caused by this message, in the same conversation, once this
+        handling commits: an event announces what happened, so a run that is rejected, fails
+        or loses to a concurrent copy announces nothing (see postroom.outbox).
 
-        Its message ID derives from this message's ID and its rank among this run's events, so a
-        second run of the handler publishes the same IDs and subscribers drop the repeats.
+        Its message ID derives from this message's ID and its rank among this run's messages,
+        so a second run publishes the same IDs and subscribers drop the repeats.
         """
-        self._published += 1
-        return self._delivery.runtime.bus.publish(
-            event,
-            correlation_id=self.correlation_id,
+        if not isinstance(event, Event):
+            raise WrongMessageKind(
+                f"ctx.publish() takes an Event, not {event!r}: send commands with ctx.send()"
+            )
+        return self._record("event", event, self.correlation_id)
+
+    def send(self, command: Command | Query) -> str:
+        """Send a command (or query) to its owner once this handling commits; its message ID.
+
+        It starts a conversation of its own (its reply is stored under its message ID), caused
+        by this message.
+        """
+        if not isinstance(command, Command | Query):
+            raise WrongMessageKind(
+                f"ctx.send() takes a Command or Query, not {command!r}: publish events"
+            )
+        return self._record("command", command, None)
+
+    def _record(self, kind: Any, message: Any, correlation_id: str | None) -> str:
+        if self._delivery.kind == "query":
+            raise WrongMessageKind(
+                "a query changes nothing and announces nothing: send or publish from a command's "
+                "or an event's handler"
+            )
+        entry = Entry(
+            message_id=derived_id(self.message_id, len(self.outbox) + 1),
+            kind=kind,
+            message_type=type(message).__message_type__,
+            payload=message.payload(),
+            correlation_id=correlation_id,
             causation_id=self.message_id,
             source=self.owner,
-            message_id=derived_id(self.message_id, self._published),
         )
+        self.outbox.append(entry)
+        return entry.message_id
 
     def transaction(self) -> Any:
         """Where the handler queues its writes (on Redis, a pipeline on POSTROOM_STATE_URL's
-        Redis); postroom applies them together with this message's inbox mark, or not at all
-        if a concurrent copy of the message committed first. Queue writes only: never execute it.
+        Redis); postroom applies them together with this message's inbox mark and outbox, or
+        not at all if a concurrent copy of the message committed first. Queue writes only:
+        never execute it.
         """
         if self._transaction is None:
-            self._transaction = self._delivery.runtime.inbox.transaction()
+            self._transaction = self._delivery.store.transaction()
         return self._transaction
 
-    def commit(self, outcome: dict[str, Any]) -> bool:
-        """Apply the writes with the inbox mark; False if a concurrent copy committed first."""
+    def discard(self) -> None:
+        """Drop the writes queued so far (the run did not commit)."""
+        tx, self._transaction = self._transaction, None
+        if tx is not None:
+            self._delivery.store.discard(tx)
+
+    def commit(self, outcome: dict[str, Any], *, effects: bool = True) -> bool:
+        """Apply the writes and the outbox with the inbox mark; False if a concurrent copy
+        committed first. Without ``effects`` (a rejection) only the mark is recorded."""
         delivery = self._delivery
+        inbox = delivery.store
         ids = list(dict.fromkeys([delivery.inbox_id, self.message_id]))
         tx, self._transaction = self._transaction, None
-        return delivery.runtime.inbox.settle(tx, self.owner, ids, outcome)
+        if not effects:
+            inbox.discard(tx)
+            tx, self.outbox = None, []
+        return inbox.settle(tx, self.owner, ids, outcome, self.outbox)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from postroom.headers import Envelope
 from postroom.messages import Command, Event, Message, Query
+from postroom.outbox import Relay
 from postroom.registry import Handler
 from postroom.retries import RetryPolicy
 from postroom.signing import Signer
@@ -41,6 +42,15 @@ class Publisher(Protocol):
         message_id: str | None = None,
     ) -> str: ...
 
+    def send(
+        self,
+        command: Command | Query,
+        *,
+        correlation_id: str | None = None,
+        causation_id: str | None = None,
+        message_id: str | None = None,
+    ) -> Any: ...
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -53,6 +63,15 @@ class Runtime:
     poison_after: int = 3
     signer: Signer | None = None
     sleep: Callable[[float], None] = time.sleep
+    #: owners (services, pools) whose inbox, outbox and writes live elsewhere (a SQL database)
+    stores: Mapping[str, InboxStore] = field(default_factory=dict)
+
+    def store(self, owner: str) -> InboxStore:
+        return self.stores.get(owner, self.inbox)
+
+    @property
+    def relay(self) -> Relay:
+        return Relay(self.bus)
 
 
 def kind_of(contract: type[Message]) -> Kind:
@@ -86,6 +105,11 @@ class Delivery:
     runs: int = 0  # runs begun and not ended, this one included (0: not counted)
     committed: bool = False
     ctx: HandlerContext | None = None
+
+    @property
+    def store(self) -> InboxStore:
+        """Where this owner's inbox, outbox and writes are committed."""
+        return self.runtime.store(self.owner)
 
     @property
     def partitioned(self) -> bool:

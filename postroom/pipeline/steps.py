@@ -287,21 +287,27 @@ class Dedupe(Step):
     """A message its owner already handled gets the outcome recorded then, without running again.
 
     Queries change nothing, so they are never deduplicated; their runs are counted all the same,
-    for the poison guard. A run that ends any way but a commit is ended here, once.
+    for the poison guard. A run that ends any way but a commit is ended here, once. A store that
+    cannot be reached at the start is a transient failure: the message is retried later.
     """
 
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
-        inbox = delivery.runtime.inbox
-        done, delivery.runs = inbox.begin(
-            delivery.owner, delivery.inbox_id, dedupe=delivery.kind != "query"
-        )
+        store, retry = delivery.store, delivery.runtime.retry
+        try:
+            done, delivery.runs = store.begin(
+                delivery.owner, delivery.inbox_id, dedupe=delivery.kind != "query"
+            )
+        except retry.retry_on as exc:
+            if delivery.attempt > retry.max_retries:
+                raise GiveUp("failed", exc) from exc
+            return Outcome("retry", error=exc, delay=retry.delay(delivery.attempt - 1))
         if done is not None:
             return recorded(delivery, done)
         try:
             return call_next(delivery)
         finally:
             if not delivery.committed:
-                inbox.ended(delivery.owner, delivery.inbox_id)
+                store.ended(delivery.owner, delivery.inbox_id)
 
 
 class PoisonGuard(Step):
@@ -346,20 +352,36 @@ class Retry(Step):
 
 
 class Commit(Step):
-    """The handler's writes and the inbox mark land together, or not at all; if a concurrent copy
-    of the message committed first, this run's are dropped and its outcome is returned."""
+    """The handler's writes, its outbox and the inbox mark land together, or not at all; then the
+    outbox is dispatched. A rejection records the mark alone: it changes and announces nothing.
+    If a concurrent copy of the message committed first, this run's effects are dropped and its
+    outcome is returned. A run that ends any other way leaves no writes behind (nor, on SQL, an
+    open transaction holding its connection and locks)."""
 
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
-        outcome = call_next(delivery)
+        try:
+            outcome = call_next(delivery)
+        except BaseException:
+            self._discard(delivery)
+            raise
         if delivery.kind == "query" or outcome.status not in {"succeeded", "rejected", "handled"}:
+            self._discard(delivery)
             return outcome
-        assert delivery.ctx is not None
+        ctx = delivery.ctx
+        assert ctx is not None
         record = outcome.reply or {"status": "handled", "attempts": delivery.attempt}
-        if delivery.ctx.commit(record):
+        store = delivery.store
+        if ctx.commit(record, effects=outcome.status != "rejected"):
             delivery.committed = True
+            delivery.runtime.relay.dispatch(store, delivery.owner, ctx.outbox)
             return outcome
-        done = delivery.runtime.inbox.outcome(delivery.owner, delivery.inbox_id) or {}
+        done = store.outcome(delivery.owner, delivery.inbox_id) or {}
         return recorded(delivery, done)
+
+    @staticmethod
+    def _discard(delivery: Delivery) -> None:
+        if delivery.ctx is not None:
+            delivery.ctx.discard()
 
 
 class Run(Step):

@@ -1,4 +1,4 @@
-"""What the pipeline records in: an inbox per consumer and the dead letters.
+"""What the pipeline records in: an inbox and outbox per consumer, and the dead letters.
 
 Two implementations each: on Redis (postroom.reliability) for real deployments, and in memory
 (postroom.stores.memory) for ``postroom.testing``. The pipeline speaks only these protocols.
@@ -6,9 +6,11 @@ Two implementations each: on Redis (postroom.reliability) for real deployments, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from postroom.outbox import Entry
     from postroom.reliability import DeadLetter
 
 
@@ -22,9 +24,27 @@ class InboxStore(Protocol):
     def transaction(self) -> Any:
         """Where a handler queues its writes, to be committed with the inbox mark."""
 
-    def settle(self, tx: Any, owner: str, message_ids: list[str], outcome: dict[str, Any]) -> bool:
-        """Apply ``tx`` and mark every ID handled with ``outcome``, in one step, unless the first
-        ID is marked already (a concurrent copy won): then False, and nothing is written."""
+    def settle(
+        self,
+        tx: Any,
+        owner: str,
+        message_ids: list[str],
+        outcome: dict[str, Any],
+        outbox: Sequence[Entry] = (),
+    ) -> bool:
+        """Apply ``tx``, record the ``outbox`` entries and mark every ID handled with
+        ``outcome``, in one transaction, unless the first ID is marked already (a concurrent
+        copy won): then False, and nothing is written. ``tx`` None: no writes of the handler's."""
+
+    def discard(self, tx: Any) -> None:
+        """Drop the writes queued on ``tx`` (a rejected command changes nothing)."""
+
+    def delivered(self, owner: str, entry_ids: list[str]) -> None:
+        """Remove dispatched outbox entries."""
+
+    def claim_stale(self, grace: float, limit: int) -> list[tuple[str, Entry]]:
+        """Outbox entries committed over ``grace`` seconds ago, as (owner, entry); each claimed
+        for another ``grace`` seconds, so concurrent sweeps do not take the same entries."""
 
     def ended(self, owner: str, message_id: str) -> None:
         """The run came to an end other than a commit: it did not kill its worker."""

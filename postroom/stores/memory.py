@@ -9,11 +9,14 @@ settles, exactly as a worker applies them.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 
 from postroom.errors import PostroomError
+from postroom.outbox import Entry
 from postroom.reliability import DeadLetter
 
 
@@ -22,10 +25,16 @@ class NoStateStore(PostroomError):
 
 
 class MemoryInbox:
-    def __init__(self, state: redis.Redis | None = None) -> None:
+    def __init__(
+        self, state: redis.Redis | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.state = state
         self.done: dict[tuple[str, str], dict[str, Any]] = {}
         self.runs: dict[tuple[str, str], int] = {}
+        #: committed entries not dispatched yet, by (owner, message ID), and when each is due
+        self.outbox: dict[tuple[str, str], Entry] = {}
+        self.due: dict[tuple[str, str], float] = {}
+        self.clock = clock
         self._lock = threading.Lock()
 
     def begin(
@@ -45,18 +54,44 @@ class MemoryInbox:
             )
         return self.state.pipeline(transaction=True)
 
-    def settle(self, tx: Any, owner: str, message_ids: list[str], outcome: dict[str, Any]) -> bool:
+    def settle(
+        self,
+        tx: Any,
+        owner: str,
+        message_ids: list[str],
+        outcome: dict[str, Any],
+        outbox: Sequence[Entry] = (),
+    ) -> bool:
         with self._lock:
             if (owner, message_ids[0]) in self.done:
-                if tx is not None:
-                    tx.reset()
+                self.discard(tx)
                 return False
             if tx is not None:
                 tx.execute()
+            for entry in outbox:
+                self.outbox[owner, entry.message_id] = entry
             for message_id in message_ids:
                 self.done[owner, message_id] = dict(outcome)
                 self.runs.pop((owner, message_id), None)
             return True
+
+    def discard(self, tx: Any) -> None:
+        if tx is not None:
+            tx.reset()
+
+    def delivered(self, owner: str, entry_ids: list[str]) -> None:
+        with self._lock:
+            for entry_id in entry_ids:
+                self.outbox.pop((owner, entry_id), None)
+                self.due.pop((owner, entry_id), None)
+
+    def claim_stale(self, grace: float, limit: int) -> list[tuple[str, Entry]]:
+        now = self.clock()
+        with self._lock:
+            stale = [k for k in self.outbox if self.due.get(k, self.outbox[k].at) < now - grace]
+            for key in stale[:limit]:
+                self.due[key] = now
+            return [(key[0], self.outbox[key]) for key in stale[:limit]]
 
     def ended(self, owner: str, message_id: str) -> None:
         with self._lock:

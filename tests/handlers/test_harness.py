@@ -42,8 +42,25 @@ class Water(Command, service=SERVICE, partition_key="bed"):
     failures: int = 0
 
 
+class Prune(Command, service=SERVICE):
+    """Announces a plant, then changes its mind (``reject``) or breaks (a bug)."""
+
+    name: str
+    reject: bool
+
+
+class PlantTwice(Command, service=SERVICE):
+    """Sends two Plant commands of its own."""
+
+    names: list[str]
+
+
 class CountPlants(Query, service=SERVICE):
     pass
+
+
+class Gossip(Query, service=SERVICE):
+    """A query whose handler wrongly tries to publish."""
 
 
 class Planted(Event, service=SERVICE):
@@ -75,9 +92,27 @@ def water(cmd: Water, ctx: HandlerContext) -> int:
     return cmd.seq
 
 
+@handles(Prune)
+def prune(cmd: Prune, ctx: HandlerContext) -> None:
+    ctx.publish(Planted(name=cmd.name))
+    if cmd.reject:
+        raise Rejected("changed my mind")
+    raise ValueError("a bug after publishing")
+
+
+@handles(PlantTwice)
+def plant_twice(cmd: PlantTwice, ctx: HandlerContext) -> list[str]:
+    return [ctx.send(Plant(name=name)) for name in cmd.names]
+
+
 @handles(CountPlants)
 def count_plants(query: CountPlants, ctx: HandlerContext) -> int:
     return sum(1 for c in calls if c.startswith("plant "))
+
+
+@handles(Gossip)
+def gossip(query: Gossip, ctx: HandlerContext) -> None:
+    ctx.publish(Planted(name="rumour"))
 
 
 @subscribes(Planted, pool="gardeners")
@@ -157,6 +192,42 @@ def test_a_partitioned_command_is_retried_in_place_before_the_ones_behind_it() -
     assert first.reply().status == "failed"
     assert second.reply().status == "succeeded"
     assert calls == ["water 0:1", "water 0:2", "water 0:3", "water 1:1"]
+
+
+def test_an_event_published_before_a_rejection_is_never_delivered(
+    postroom_harness: Harness,
+) -> None:
+    reply = postroom_harness.send(Prune(name="ivy", reject=True)).reply()
+    assert reply.status == "rejected"
+    assert postroom_harness.events() == []
+    assert not any(c.startswith(("gardeners", "birds")) for c in calls)
+
+
+def test_a_command_that_fails_after_publishing_announces_only_command_failed(
+    postroom_harness: Harness,
+) -> None:
+    reply = postroom_harness.send(Prune(name="ivy", reject=False)).reply()
+    assert reply.status == "failed"
+    assert [type(e) for e in postroom_harness.events()] == [CommandFailed]
+    assert not any(c.startswith(("gardeners", "birds")) for c in calls)
+
+
+def test_commands_a_handler_sends_go_out_after_it_commits(postroom_harness: Harness) -> None:
+    sent = postroom_harness.send(PlantTwice(names=["elm", "yew"]))
+    ids = sent.reply().value
+    assert [postroom_harness.replies[i].value for i in ids] == [
+        {"planted": "elm"},
+        {"planted": "yew"},
+    ]
+    # each starts a conversation of its own: its reply is stored under its message ID
+    assert all(postroom_harness.replies[i].correlation_id == i for i in ids)
+
+
+def test_a_query_cannot_publish(postroom_harness: Harness) -> None:
+    reply = postroom_harness.ask(Gossip())
+    assert reply.status == "failed"
+    assert reply.error is not None
+    assert "a query changes nothing and announces nothing" in reply.error.message
 
 
 def test_a_query_is_answered_from_what_the_handlers_did(postroom_harness: Harness) -> None:

@@ -11,10 +11,12 @@ import json
 import os
 import signal
 import time
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from postroom import Command, Event, HandlerContext, Rejected, TransientError, handles, subscribes
 from postroom.messages import CommandFailed
+from postroom.outbox import Entry, Relay
 from tasks.state import client, key
 
 SERVICE = "probe"
@@ -68,6 +70,16 @@ class RecordInOrder(Command, service=ORDERED, partition_key="key"):
     failures: int = 0
 
 
+class Announce(Command, service=SERVICE):
+    """Publishes ProbeHappened, adds one to its key's count (with the inbox mark), then:
+    ``then="succeed"``, ``"reject"`` or ``"fail"`` (a bug); ``"die_before_commit"`` kills its
+    worker process on the first run; ``"die_before_dispatch"`` lets the first run commit and
+    kills the process before the outbox is dispatched."""
+
+    key: str
+    then: Literal["succeed", "reject", "fail", "die_before_commit", "die_before_dispatch"]
+
+
 class ProbeHappened(Event, service=SERVICE):
     key: str
     fail_pool: str | None = None
@@ -92,6 +104,38 @@ def flaky(cmd: Flaky, ctx: HandlerContext) -> dict[str, int]:
 def refuse(cmd: Refuse, ctx: HandlerContext) -> None:
     client().incr(key(SERVICE, "refused", ctx.correlation_id))
     raise Rejected(cmd.reason)
+
+
+@handles(Announce)
+def announce(cmd: Announce, ctx: HandlerContext) -> dict[str, str]:
+    ctx.publish(ProbeHappened(key=cmd.key))
+    ctx.transaction().incr(key(SERVICE, "announced", cmd.key))
+    if cmd.then == "reject":
+        raise Rejected("changed my mind after publishing")
+    if cmd.then == "fail":
+        raise ValueError("a bug after publishing")
+    if cmd.then == "die_before_commit" and _first_time(cmd.key):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"announced": cmd.key}
+
+
+def _first_time(name: str) -> bool:
+    return bool(client().set(key(SERVICE, "first", name), 1, nx=True))
+
+
+_dispatch = Relay.dispatch
+
+
+def _dispatch_or_die(self: Relay, store: Any, owner: str, entries: Sequence[Entry]) -> None:
+    """Fault injection for the outbox tests: an Announce(then="die_before_dispatch") kills its
+    worker process once, after its handling committed and before its outbox is dispatched."""
+    doomed = [e for e in entries if e.payload.get("key", "").startswith("die_before_dispatch")]
+    if doomed and _first_time(f"dispatch:{doomed[0].payload['key']}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    _dispatch(self, store, owner, entries)
+
+
+Relay.dispatch = _dispatch_or_die  # type: ignore[method-assign]
 
 
 @handles(RecordInOrder)

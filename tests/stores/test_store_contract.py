@@ -33,12 +33,6 @@ def _entry(age: float = 0.0) -> Entry:
     )
 
 
-def _claims_by_time(subject: Subject, request: pytest.FixtureRequest) -> None:
-    if subject.kind == "memory":
-        reason = "MemoryInbox.claim_stale returns every entry, whatever its age or claim"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def test_runs_are_counted_until_one_ends(subject: Subject) -> None:
     store, owner, message = subject.store, "assets", _id()
     assert store.begin(owner, message) == (None, 1)
@@ -107,9 +101,8 @@ def test_settled_outbox_entries_wait_until_delivered(subject: Subject) -> None:
 
 
 def test_an_entry_is_stale_only_after_the_grace_and_claimed_for_another(
-    subject: Subject, request: pytest.FixtureRequest
+    subject: Subject,
 ) -> None:
-    _claims_by_time(subject, request)
     store = subject.store
     fresh, old = _entry(), _entry(age=60)
     store.settle(None, "assets", [_id()], DONE, [fresh, old])
@@ -118,9 +111,8 @@ def test_an_entry_is_stale_only_after_the_grace_and_claimed_for_another(
 
 
 def test_two_concurrent_sweeps_claim_each_entry_once(
-    subject: Subject, request: pytest.FixtureRequest
+    subject: Subject,
 ) -> None:
-    _claims_by_time(subject, request)
     store = subject.store
     entries = [_entry(age=60) for _ in range(200)]
     for start in range(0, len(entries), 20):
