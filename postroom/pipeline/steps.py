@@ -170,8 +170,8 @@ class DeadLetter(Step):
 
 
 class Decode(Step):
-    """Reads the envelope from the headers; a plain Celery client's message (no postroom header
-    at all) gets one from Celery's own fields: task ID, root ID, parent ID."""
+    """Reads the envelope from the headers; a plain Celery client's command or query (no postroom
+    header at all) gets one from Celery's own fields: task ID, root ID, parent ID."""
 
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
         handler = delivery.handler
@@ -211,7 +211,9 @@ def replayed_id(message_id: str, replay: object) -> str:
 
 
 def _envelope(delivery: Delivery) -> Envelope:
-    if any(name.startswith(PREFIX) for name in delivery.headers):
+    plain = not any(name.startswith(PREFIX) for name in delivery.headers)
+    if delivery.kind == "event" or not plain:
+        # an event is only ever published by postroom, never by a plain Celery client
         return Envelope.from_headers(dict(delivery.headers))
     assert delivery.handler is not None
     contract = delivery.handler.contract

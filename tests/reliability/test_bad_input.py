@@ -146,7 +146,8 @@ CORPUS: list[Bad] = [
     invalid("extra-field-of-2mb", proto2(kwargs={"text": "hello", "attachment": "x" * TWO_MB})),
     invalid("text-2mb-in-a-list", proto2(kwargs={"text": ["x" * TWO_MB]})),
     # missing and malformed postroom headers
-    invalid("no-postroom-headers", envelope=False),
+    # (a command with no postroom header at all is a plain Celery client's: handled, see
+    # tests/integration/test_plain_celery.py; an event delivery without them is refused below)
     invalid("message-id-missing", headers=envelope_header("message_id", DROP)),
     invalid("message-type-missing", headers=envelope_header("message_type", DROP)),
     invalid("created-at-missing", headers=envelope_header("created_at", DROP)),
@@ -527,6 +528,8 @@ def valid_envelope(headers: dict[str, Any]) -> bool:
         except ValueError:
             return False
 
+    if not any(name.startswith(PREFIX) for name in headers):
+        return True  # a plain Celery client's command: its envelope comes from Celery's fields
     get = headers.get
     required = [name for name in VALID_FIELD if name != "causation_id"]
     return (
