@@ -2,8 +2,11 @@
 
 Every system does the same work on the same broker: enqueue N no-ops one call each, N more in bulk,
 then a pool of 2 worker processes drains the 2N (each no-op increments one Redis counter, so the end
-is visible), then sequential round trips. Systems alternate within each round (A B C A B C ...), so
-machine drift hits all alike.
+is visible), then sequential round trips. Then the same for a command that writes one PostgreSQL row and
+publishes one event (postroom's ``bench_sql`` service, bare Celery's ``bench.bare_write``): a
+backlog of N drained by 2 worker processes (the end seen by counting the rows), then sequential
+round trips. Systems alternate within each round (A B C A' B' A B C A' B' ...), so machine drift
+hits all alike.
 """
 
 from __future__ import annotations
@@ -22,12 +25,24 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from sqlalchemy import func, select
 
 from bench import peers
-from bench.services import BENCH_POOLS, BenchHappened, BenchNoop, done_counter
+from bench.services import (
+    BENCH_POOLS,
+    BENCH_SQL_AUDIT,
+    BenchHappened,
+    BenchNoop,
+    BenchWrite,
+    bench_metadata,
+    bench_rows,
+    done_counter,
+)
 from config import app, settings
 from config.pools import Pool
 from postroom import MessageBus
+from postroom.topology import event_queue_name
+from tasks.state import database
 from workers.launcher import wait_until_ready, worker_argv
 
 
@@ -55,9 +70,16 @@ class Watch(threading.Thread):
     """Polls a system's counter from before its workers start: when the first and the n-th
     increment happened, so worker start-up time is not counted in a drain."""
 
-    def __init__(self, system: str, target: int, timeout: float = 3600) -> None:
+    def __init__(
+        self,
+        system: str,
+        target: int,
+        timeout: float = 3600,
+        count: Callable[[str], int] = counter,
+    ) -> None:
         super().__init__(daemon=True)
-        self.system, self.baseline, self.target = system, counter(system), target
+        self.count = count
+        self.system, self.baseline, self.target = system, count(system), target
         self.first: float | None = None
         self.last: float | None = None
         self.deadline = time.monotonic() + timeout
@@ -65,7 +87,7 @@ class Watch(threading.Thread):
 
     def run(self) -> None:
         while time.monotonic() < self.deadline:
-            done = counter(self.system) - self.baseline
+            done = self.count(self.system) - self.baseline
             now = time.monotonic()
             if done > 0 and self.first is None:
                 self.first = now
@@ -78,7 +100,7 @@ class Watch(threading.Thread):
         """From the first to the n-th increment; TimeoutError if the n-th never came."""
         self.join()
         if self.first is None or self.last is None:
-            done = counter(self.system) - self.baseline
+            done = self.count(self.system) - self.baseline
             raise TimeoutError(f"{self.system}: {done}/{self.target} done before the deadline")
         return max(self.last - self.first, 1e-9)
 
@@ -100,15 +122,15 @@ class Workers:
             self.proc.wait()
 
 
-def postroom_pool(name: str, queue: str, concurrency: int) -> Workers:
+def postroom_pool(name: str, queue: str, concurrency: int, module: str = "config") -> Workers:
     pool = Pool(name, (queue,), concurrency)
-    argv = [*worker_argv(pool, settings), "-l", "WARNING"]
+    argv = [*worker_argv(pool, settings, module), "-l", "WARNING"]
     return Workers(argv, lambda: wait_until_ready(app, [pool]))
 
 
-def celery_pool() -> Workers:
+def celery_pool(queue: str = "bench.bare", node: str = "bare") -> Workers:
     argv = [sys.executable, "-m", "celery", "-A", "bench.peers:celery_app", "worker",
-            "-Q", "bench.bare", "-c", "2", "-P", "prefork", "-n", "bare@%h",
+            "-Q", queue, "-c", "2", "-P", "prefork", "-n", f"{node}@%h",
             "--prefetch-multiplier", "1", "-E", "-l", "WARNING", "--without-gossip",
             "--without-mingle"]  # fmt: skip
     return Workers(argv)
@@ -162,6 +184,60 @@ def systems() -> list[System]:
     ]
 
 
+def rows(system: str) -> int:
+    """Rows a system has written to the SQL benchmark's table (committed ones)."""
+    with database(settings).engine.connect() as conn:
+        query = select(func.count()).select_from(bench_rows).where(bench_rows.c.system == system)
+        return int(conn.scalar(query) or 0)
+
+
+@dataclass
+class SqlSystem:
+    name: str
+    send_backlog: Callable[[int], Any]
+    pool: Callable[[], Workers]
+    roundtrip: Callable[[], Any]
+
+
+def sql_systems() -> list[SqlSystem]:
+    """Write one row and publish one event: postroom through its SQL store (the row, inbox mark
+    and outbox entry in one transaction, the event dispatched after commit), bare Celery through
+    its own engine and a plain send_task after commit."""
+    bus = MessageBus(app, source="bench")
+
+    def celery_backlog(n: int) -> None:
+        with peers.celery_app.producer_or_acquire() as producer:
+            for i in range(n):
+                peers.bare_write.apply_async((i,), producer=producer)
+
+    return [
+        SqlSystem(
+            "postroom",
+            lambda n: bus.send_many([BenchWrite(n=i) for i in range(n)]),
+            lambda: postroom_pool("bench_sql", "commands.bench_sql", 2, module="bench.app"),
+            lambda: bus.send(BenchWrite(n=0)).reply(timeout=60),
+        ),
+        SqlSystem(
+            "celery",
+            celery_backlog,
+            lambda: celery_pool(peers.BARE_SQL_QUEUE, "baresql"),
+            lambda: peers.bare_write.apply_async((0,)).get(timeout=60),
+        ),
+    ]
+
+
+def prepare_sql() -> None:
+    """The bench table in the run's own schema (with postroom's tables), and the queue of the pool
+    subscribed to the benchmark's event, so each event leaves one copy on the broker as bare
+    Celery's plain publish does (Celery declares its queue when it first publishes)."""
+    store = database(settings)
+    store.migrate()
+    bench_metadata.create_all(store.engine)
+    queue = app.amqp.queues[event_queue_name(BENCH_SQL_AUDIT)]
+    with app.connection_for_write() as conn:
+        queue.bind(conn.default_channel).declare()
+
+
 def broker_memory() -> int:
     """Bytes the broker holds now: Redis used_memory, or RabbitMQ's memory for this vhost's queues."""
     if settings.broker_is_redis:
@@ -195,16 +271,42 @@ def measure_round(system: System, n: int, roundtrips: int, results: dict[str, li
     try:
         record("drain_per_s", (2 * n - 1) / watch.seconds())
         if system.roundtrip is not None:
-            latencies = []
-            for _ in range(roundtrips):
-                started = time.perf_counter()
-                system.roundtrip()
-                latencies.append((time.perf_counter() - started) * 1000)
-            latencies.sort()
-            record("roundtrip_p50_ms", latencies[len(latencies) // 2])
-            record(
-                "roundtrip_p99_ms", latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-            )
+            p50, p99 = latencies_ms(system.roundtrip, roundtrips)
+            record("roundtrip_p50_ms", p50)
+            record("roundtrip_p99_ms", p99)
+    finally:
+        workers.stop()
+
+
+def latencies_ms(roundtrip: Callable[[], Any], count: int) -> tuple[float, float]:
+    """p50 and p99 of ``count`` sequential round trips, in milliseconds."""
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        roundtrip()
+        latencies.append((time.perf_counter() - started) * 1000)
+    latencies.sort()
+    return latencies[len(latencies) // 2], latencies[
+        min(len(latencies) - 1, int(len(latencies) * 0.99))
+    ]
+
+
+def measure_sql_round(
+    system: SqlSystem, n: int, roundtrips: int, results: dict[str, list[float]]
+) -> None:
+    """A backlog of ``n`` row-writing commands drained, then sequential round trips."""
+
+    def record(metric: str, value: float) -> None:
+        results.setdefault(f"{metric}|{system.name}", []).append(value)
+
+    system.send_backlog(n)
+    watch = Watch(system.name, n, count=rows)
+    workers = system.pool()
+    try:
+        record("sql_drain_per_s", (n - 1) / watch.seconds())
+        p50, p99 = latencies_ms(system.roundtrip, roundtrips)
+        record("sql_roundtrip_p50_ms", p50)
+        record("sql_roundtrip_p99_ms", p99)
     finally:
         workers.stop()
 
@@ -252,9 +354,12 @@ def main() -> None:
     size, rounds, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     chosen = SIZES[size]
     results: dict[str, list[float]] = {}
+    prepare_sql()
     for _ in range(rounds):
         for system in systems():  # A B C, A B C, ...
             measure_round(system, chosen.n, chosen.roundtrips, results)
+        for sql_system in sql_systems():  # then A' B' (Dramatiq has no SQL peer)
+            measure_sql_round(sql_system, chosen.n, chosen.roundtrips, results)
     measure_fanout(chosen.events, results)
     measure_growth(chosen.growth, results)
     summary = {

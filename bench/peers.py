@@ -4,17 +4,27 @@ Bare Celery runs with postroom's delivery and monitoring settings (late acks, JS
 1, the same transport options, task events for Flower) on kombu's stock transport; Dramatiq with
 its defaults. Each no-op increments the same kind of Redis counter as postroom's, so a drain ends
 visibly and every system pays for the same one write.
+
+For the SQL benchmark, bare Celery's task does what postroom's ``bench_sql`` handler does without
+the inbox and outbox: it inserts the same row into the same table with its own SQLAlchemy engine
+(built as postroom's SqlStore builds its own: psycopg, connections checked before use, the pool
+dropped in a forked child), commits, then publishes one plain message (``send_task``) to a queue
+nobody consumes during the run, as postroom's event lands in a pool queue nobody consumes.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import dramatiq
 import redis
 from celery import Celery
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.brokers.redis import RedisBroker
+from sqlalchemy import create_engine, insert
 
-from bench.services import done_counter
+from bench.services import bench_rows, done_counter
 from config.settings import settings
 from postroom.install import delivery_settings, monitoring_settings
 
@@ -34,6 +44,20 @@ celery_app.conf.update(
 @celery_app.task(name="bench.bare_noop")
 def bare_noop(n: int) -> None:
     _count("celery")
+
+
+BARE_SQL_QUEUE = "bench.bare_sql"
+BARE_EVENTS_QUEUE = "bench.bare_events"
+_engine = create_engine(settings.database_url, pool_pre_ping=True)
+_database = _engine.execution_options(schema_translate_map={None: settings.database_schema or None})
+os.register_at_fork(after_in_child=lambda: _engine.dispose(close=False))
+
+
+@celery_app.task(name="bench.bare_write", bind=True, queue=BARE_SQL_QUEUE)
+def bare_write(self: Any, n: int) -> None:
+    with _database.begin() as conn:
+        conn.execute(insert(bench_rows).values(system="celery", message_id=self.request.id, n=n))
+    celery_app.send_task("bench.bare_row_written", (n,), queue=BARE_EVENTS_QUEUE)
 
 
 if settings.broker_is_redis:

@@ -1,10 +1,15 @@
-"""Contracts and handlers for the soak run, loaded by its workers through POSTROOM_IMPORTS.
+"""Contracts and handlers for the soak run and the benchmark, loaded by their workers through
+POSTROOM_IMPORTS.
 
-Each handler records its effect once per message ID in the same transaction as the inbox mark, so
-the counts afterwards tell exactly what was lost (a missing ID) and what was doubled (a count of 2).
+Each soak handler records its effect once per message ID in the same transaction as the inbox mark,
+so the counts afterwards tell exactly what was lost (a missing ID) and what was doubled (a count of
+2). The benchmark's ``bench_sql`` service keeps its state, inbox and outbox in PostgreSQL (its store
+is given in bench/app.py, the app its workers run).
 """
 
 from __future__ import annotations
+
+from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, func, insert
 
 from postroom import Command, Event, HandlerContext, handles, subscribes
 from tasks.state import key
@@ -77,3 +82,46 @@ def _count_delivery(ctx: HandlerContext) -> None:
 
 for _pool in BENCH_POOLS:
     subscribes(BenchHappened, pool=_pool)(lambda event, ctx: _count_delivery(ctx))
+
+
+#: The SQL benchmark's table, in the bench run's own schema (POSTROOM_DATABASE_SCHEMA; created by
+#: bench.measure, dropped with the schema). Each system writes its own rows, so a drain's end is
+#: seen by counting them.
+bench_metadata = MetaData()
+bench_rows = Table(
+    "bench_rows",
+    bench_metadata,
+    Column("system", String(16), primary_key=True),
+    Column("message_id", String(64), primary_key=True),
+    Column("n", Integer, nullable=False),
+    Column("written_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+
+class BenchWrite(Command, service="bench_sql"):
+    """Write one row and announce it: the SQL benchmark's unit of work."""
+
+    n: int
+
+
+class BenchRowWritten(Event, service="bench_sql"):
+    n: int
+
+
+#: subscribes to BenchRowWritten so each publish makes one broker copy, as bare Celery's plain
+#: publish does; no worker consumes it while the benchmark runs (bench.measure declares its queue)
+BENCH_SQL_AUDIT = "bench_sql_audit"
+
+
+@handles(BenchWrite)
+def bench_write(cmd: BenchWrite, ctx: HandlerContext) -> None:
+    """The row, the inbox mark and the outbox entry commit together; the event leaves after."""
+    ctx.transaction().execute(
+        insert(bench_rows).values(system="postroom", message_id=ctx.message_id, n=cmd.n)
+    )
+    ctx.publish(BenchRowWritten(n=cmd.n))
+
+
+@subscribes(BenchRowWritten, pool=BENCH_SQL_AUDIT)
+def bench_audit(event: BenchRowWritten, ctx: HandlerContext) -> None:
+    """Never run by the benchmark: its pool only holds the copies."""

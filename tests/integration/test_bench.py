@@ -24,7 +24,11 @@ def test_the_benchmark_measures_every_system_on_both_brokers(tmp_path: Path) -> 
             assert results[f"drain_per_s|{system}"]["median"] > 0, (broker, system)
             assert results[f"enqueue_per_s|{system}"]["median"] > 0, (broker, system)
         assert results["roundtrip_p50_ms|postroom"]["median"] > 0
+        for system in ("postroom", "celery"):  # one PostgreSQL row and one event per command
+            for metric in ("sql_drain_per_s", "sql_roundtrip_p50_ms", "sql_roundtrip_p99_ms"):
+                assert results[f"{metric}|{system}"]["median"] > 0, (broker, metric, system)
         assert results["fanout_deliveries_per_s|6 pools"]["median"] > 0
     table = (tmp_path / "results.md").read_text()
     assert "| drain_per_s |" in table
+    assert "| sql_drain_per_s |" in table
     assert "#### rabbitmq" in table
