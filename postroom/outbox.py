@@ -61,12 +61,15 @@ class Relay:
         self.bus = bus
 
     def dispatch(self, store: InboxStore, owner: str, entries: Sequence[Entry]) -> None:
-        """Right after commit. A failure leaves the rest to the sweep: the outcome stands."""
+        """Right after commit. A failure leaves the rest to the sweep: the outcome stands (a
+        store that fails to remove what was sent only has the sweep send it again, and the
+        receivers' inboxes drop the repeat)."""
         if not entries:
             return
         try:
             for entry in entries:
                 self._send(entry)
+            store.delivered(owner, [e.message_id for e in entries])
         except Exception:
             logger.warning(
                 "%d committed message(s) of %s are not dispatched yet; the outbox sweep will "
@@ -75,8 +78,6 @@ class Relay:
                 owner,
                 exc_info=True,
             )
-            return
-        store.delivered(owner, [e.message_id for e in entries])
 
     def sweep(self, store: InboxStore, grace: float, limit: int = 500) -> int:
         """Dispatch entries committed more than ``grace`` seconds ago (their worker died before

@@ -73,6 +73,9 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
 
     acks_late = True
     reject_on_worker_lost = True
+    # postroom's Retry step keeps the budget (POSTROOM_MAX_RETRIES); Celery's own limit (3 by
+    # default) would raise the error of a fourth retry instead of sending it, and lose the message
+    max_retries = None
     throws = (RejectedReply,)  # an expected outcome: recorded as FAILURE, not logged as an error
     kind: Kind
     handler: Handler | None = None  # commands and queries: the one owner's

@@ -290,7 +290,9 @@ class Dedupe(Step):
 
     Queries change nothing, so they are never deduplicated; their runs are counted all the same,
     for the poison guard. A run that ends any way but a commit is ended here, once. A store that
-    cannot be reached at the start is a transient failure: the message is retried later.
+    cannot be reached at the start is a transient failure: the message is retried later; one that
+    cannot be reached at the end leaves the run counted (as if its worker had died) and the
+    outcome as it was.
     """
 
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
@@ -309,7 +311,23 @@ class Dedupe(Step):
             return call_next(delivery)
         finally:
             if not delivery.committed:
-                store.ended(delivery.owner, delivery.inbox_id)
+                self._end(delivery)
+
+    @staticmethod
+    def _end(delivery: Delivery) -> None:
+        """Ends the run in the store; the outcome (a retry, a dead letter) stands if it cannot."""
+        retry_on = delivery.runtime.retry.retry_on
+        for attempt in (1, 2):  # a dropped connection is replaced at once: worth a second try
+            try:
+                delivery.store.ended(delivery.owner, delivery.inbox_id)
+                return
+            except retry_on:
+                if attempt == 2:
+                    logger.warning(
+                        "could not end the run of %s in its store; it stays counted",
+                        delivery.inbox_id,
+                        exc_info=True,
+                    )
 
 
 class PoisonGuard(Step):
