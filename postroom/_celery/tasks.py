@@ -73,6 +73,9 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
 
     acks_late = True
     reject_on_worker_lost = True
+    # postroom's Retry step keeps the budget (POSTROOM_MAX_RETRIES); Celery's own limit (3 by
+    # default) would raise the error of a fourth retry instead of sending it, and lose the message
+    max_retries = None
     throws = (RejectedReply,)  # an expected outcome: recorded as FAILURE, not logged as an error
     kind: Kind
     handler: Handler | None = None  # commands and queries: the one owner's
@@ -115,9 +118,7 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
             options: dict[str, Any] = {}
             if delivery.kind == "event":
                 options = {"queue": delivery.queue, "exchange_type": "direct"}
-            raise self.retry(
-                exc=outcome.error, countdown=outcome.delay, max_retries=None, **options
-            )
+            raise self.retry(exc=outcome.error, countdown=outcome.delay, **options)
         if delivery.kind == "event":
             if outcome.error is not None:
                 raise outcome.error
