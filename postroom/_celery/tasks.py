@@ -118,9 +118,7 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
             options: dict[str, Any] = {}
             if delivery.kind == "event":
                 options = {"queue": delivery.queue, "exchange_type": "direct"}
-            raise self.retry(
-                exc=outcome.error, countdown=outcome.delay, max_retries=None, **options
-            )
+            raise self.retry(exc=outcome.error, countdown=outcome.delay, **options)
         if delivery.kind == "event":
             if outcome.error is not None:
                 raise outcome.error
