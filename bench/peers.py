@@ -48,7 +48,7 @@ def bare_noop(n: int) -> None:
 
 BARE_SQL_QUEUE = "bench.bare_sql"
 BARE_EVENTS_QUEUE = "bench.bare_events"
-_engine = create_engine(settings.database_url, pool_pre_ping=True)
+_engine = create_engine(settings.database_url)  # as SqlStore.from_url builds postroom's
 _database = _engine.execution_options(schema_translate_map={None: settings.database_schema or None})
 os.register_at_fork(after_in_child=lambda: _engine.dispose(close=False))
 

@@ -124,6 +124,7 @@ class BrokerContext:
         if self.vhost:
             _rabbitmqctl("delete_vhost", self.vhost)
         store = database(self.settings)
+        store.engine.dispose()  # a connection a test terminated is not pinged back to life
         store.drop_schema()
         store.engine.dispose()
 

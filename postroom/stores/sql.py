@@ -10,9 +10,14 @@ writes (and reads) through ``ctx.transaction()``, a SQLAlchemy ``Session`` begun
         session = ctx.transaction()
         session.execute(update(assets).where(...).values(name=cmd.name))
 
-Tables (``postroom_inbox``, ``postroom_runs``, ``postroom_outbox``) are created by the Alembic
-migrations in ``postroom/stores/sql_migrations`` (``SqlStore.migrate()``, ``postroom migrate``),
-together with the service's own, in the store's schema.
+Tables (``postroom_inbox``, ``postroom_outbox``) are created by the Alembic migrations in
+``postroom/stores/sql_migrations`` (``SqlStore.migrate()``, ``postroom migrate``), together with the
+service's own, in the store's schema.
+
+A message costs the database three statements besides the handler's own: ``begin`` (counts the
+run and reads a recorded outcome), the settle's mark with its outbox rows, and the outbox rows'
+removal once dispatched; plus the commit. Each statement is built once per process; the inbox row
+a run counts in is the row its mark updates.
 """
 
 from __future__ import annotations
@@ -38,16 +43,21 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
+    case,
+    column,
     create_engine,
     delete,
+    exists,
     func,
     insert,
     select,
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateSchema, DropSchema
 
@@ -60,22 +70,16 @@ VERSION_TABLE = "postroom_alembic_version"
 
 metadata = MetaData()
 
+#: one row per message an owner began: its runs begun and not ended (poison detection, committed
+#: apart from the handling) until it is handled, then the outcome recorded
 inbox = Table(
     "postroom_inbox",
     metadata,
     Column("owner", String(200), primary_key=True),
     Column("message_id", String(64), primary_key=True),
-    Column("outcome", JSON, nullable=False),
+    Column("outcome", JSON, nullable=True),  # None: not handled yet
+    Column("runs", Integer, nullable=False, server_default="0"),
     Column("handled_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-)
-
-#: runs begun and not ended, per message: poison detection, committed apart from the handling
-runs = Table(
-    "postroom_runs",
-    metadata,
-    Column("owner", String(200), primary_key=True),
-    Column("message_id", String(64), primary_key=True),
-    Column("runs", Integer, nullable=False),
 )
 
 outbox = Table(
@@ -86,6 +90,61 @@ outbox = Table(
     Column("entry", Text, nullable=False),  # Entry.to_json()
     Column("due_at", Float, nullable=False, index=True),  # epoch seconds, as Entry.at
 )
+
+_KEY = (inbox.c.owner == bindparam("o")) & (inbox.c.message_id == bindparam("m"))
+_COUNT = pg_insert(inbox).values(owner=bindparam("o"), message_id=bindparam("m"), runs=1)
+#: count the run unless the message was handled, and read what was recorded: one statement
+_BEGIN = _COUNT.on_conflict_do_update(
+    index_elements=[inbox.c.owner, inbox.c.message_id],
+    set_={"runs": case((inbox.c.outcome.is_(None), inbox.c.runs + 1), else_=inbox.c.runs)},
+).returning(inbox.c.outcome, inbox.c.runs)
+#: a query is never deduplicated: its run counts whatever was recorded
+_BEGIN_COUNTED = _COUNT.on_conflict_do_update(
+    index_elements=[inbox.c.owner, inbox.c.message_id], set_={"runs": inbox.c.runs + 1}
+).returning(inbox.c.outcome, inbox.c.runs)
+#: a run ended without a commit: forget a message never handled, or reset a query's count
+_ENDED = (
+    update(inbox)
+    .where(_KEY, inbox.c.outcome.is_not(None))
+    .values(runs=0)
+    .add_cte(delete(inbox).where(_KEY, inbox.c.outcome.is_(None)).cte("forgotten"))
+)
+_MARKING = pg_insert(inbox).values(
+    owner=bindparam("o"), message_id=bindparam("m"), outcome=bindparam("outcome", type_=JSON)
+)
+#: the mark, unless a concurrent copy committed its own first (its row then has an outcome)
+_MARK = _MARKING.on_conflict_do_update(
+    index_elements=[inbox.c.owner, inbox.c.message_id],
+    set_={"outcome": _MARKING.excluded.outcome, "runs": 0, "handled_at": func.now()},
+    where=inbox.c.outcome.is_(None),
+).returning(inbox.c.message_id)
+_OUTBOX_INSERT = insert(outbox)
+_MARKED = _MARK.cte("marked")
+_ENTRIES = (
+    func.unnest(
+        bindparam("ids", type_=ARRAY(String)),
+        bindparam("entries", type_=ARRAY(Text)),
+        bindparam("dues", type_=ARRAY(Float)),
+    )
+    .table_valued(column("id", String), column("entry", Text), column("due", Float))
+    .render_derived("entries")
+)
+#: the mark of one message and its outbox rows, written only if the mark was: one round trip
+_MARK_AND_RECORD = (
+    insert(outbox)
+    .from_select(
+        ["owner", "message_id", "entry", "due_at"],
+        select(bindparam("o", type_=String), _ENTRIES.c.id, _ENTRIES.c.entry, _ENTRIES.c.due).where(
+            exists(_MARKED.select())
+        ),
+    )
+    .add_cte(_MARKED)
+    .returning(outbox.c.message_id)
+)
+_DELIVERED = delete(outbox).where(
+    outbox.c.owner == bindparam("o"), outbox.c.message_id.in_(bindparam("ids", expanding=True))
+)
+_OUTCOME = select(inbox.c.outcome).where(_KEY, inbox.c.outcome.is_not(None))
 
 
 class SqlStore:
@@ -98,6 +157,8 @@ class SqlStore:
         self.migrations = [Path(m) for m in migrations]
         # every table without a schema of its own (postroom's and the service's) goes to ``schema``
         self.engine = engine.execution_options(schema_translate_map={None: schema or None})
+        # a statement that stands alone needs no BEGIN and COMMIT round trips
+        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         _dispose_after_fork(engine)
 
@@ -105,17 +166,19 @@ class SqlStore:
     def from_url(
         cls, url: str, schema: str = "", *, migrations: Sequence[Path | str] = ()
     ) -> SqlStore:
-        """A store on its own Engine (connections checked before use, so a restarted database
-        costs no failed message)."""
-        return cls(create_engine(url, pool_pre_ping=True), schema=schema, migrations=migrations)
+        """A store on its own Engine. Connections are not pinged before use (a round trip per
+        checkout): one lost with a restarted database fails its statement as a TransientError,
+        the message is retried, and the pool replaces every connection older than the loss."""
+        return cls(create_engine(url), schema=schema, migrations=migrations)
 
     def __repr__(self) -> str:
         url = self.engine.url.render_as_string(hide_password=True)
         return f"SqlStore({url!r}, schema={self.schema!r})"
 
-    def migrate(self) -> None:
-        """Bring the tables (postroom's and the service's) to the newest revision; creates the
-        schema if needed. Idempotent, and safe to run from several processes at once."""
+    def migrate(self, revision: str = "heads") -> None:
+        """Bring the tables (postroom's and the service's) to ``revision`` (the newest by
+        default); creates the schema if needed. Idempotent, and safe to run from several
+        processes at once."""
         config = alembic.config.Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         config.set_main_option("path_separator", "os")
@@ -129,27 +192,18 @@ class SqlStore:
             if self.schema:
                 conn.execute(CreateSchema(self.schema, if_not_exists=True))
             config.attributes.update(connection=conn, schema=self.schema or None)
-            alembic.command.upgrade(config, "heads")
+            alembic.command.upgrade(config, revision)
 
     def begin(
         self, owner: str, message_id: str, *, dedupe: bool = True
     ) -> tuple[dict[str, Any] | None, int]:
-        key = {"owner": owner, "message_id": message_id}
-        with _transient(), self.engine.begin() as conn:
-            if dedupe:
-                done = conn.scalar(select(inbox.c.outcome).filter_by(**key))
-                if done is not None:
-                    return dict(done), 0
-            counted = (
-                pg_insert(runs)
-                .values(**key, runs=1)
-                .on_conflict_do_update(
-                    index_elements=[runs.c.owner, runs.c.message_id],
-                    set_={"runs": runs.c.runs + 1},
-                )
-                .returning(runs.c.runs)
-            )
-            return None, int(conn.execute(counted).scalar_one())
+        with _transient(), self.autocommit.connect() as conn:
+            done, count = conn.execute(
+                _BEGIN if dedupe else _BEGIN_COUNTED, {"o": owner, "m": message_id}
+            ).one()
+        if dedupe and done is not None:
+            return dict(done), 0
+        return None, int(count)
 
     def transaction(self) -> Session:
         """A Session begun for one run; the handler writes and reads through it, ``settle``
@@ -181,57 +235,57 @@ class SqlStore:
         outcome: dict[str, Any],
         entries: Sequence[Entry],
     ) -> bool:
-        # The inbox rows go in before the handler's pending ORM objects are flushed: a concurrent
+        # The mark goes in before the handler's pending ORM objects are flushed: a concurrent
         # copy of the message then waits on, and loses at, the inbox row, not the handler's rows.
+        # A copy that committed its mark first leaves this one's update nothing to do.
         with session.no_autoflush:
-            if self._marked(session, owner, message_ids[0]):
-                session.rollback()
-                return False
-            try:
-                session.execute(
-                    insert(inbox),
-                    [{"owner": owner, "message_id": m, "outcome": outcome} for m in message_ids],
-                )
-            except IntegrityError:  # a concurrent copy committed its mark first
-                session.rollback()
-                if self.outcome(owner, message_ids[0]) is None:
-                    raise
-                return False
-        if entries:
-            session.execute(
-                insert(outbox),
-                [
+            if len(message_ids) == 1 and entries:
+                recorded = session.execute(
+                    _MARK_AND_RECORD,
                     {
-                        "owner": owner,
-                        "message_id": e.message_id,
-                        "entry": e.to_json(),
-                        "due_at": e.at,
-                    }
-                    for e in entries
-                ],
-            )
-        session.execute(
-            delete(runs).where(runs.c.owner == owner, runs.c.message_id.in_(message_ids))
-        )
+                        "o": owner,
+                        "m": message_ids[0],
+                        "outcome": outcome,
+                        "ids": [e.message_id for e in entries],
+                        "entries": [e.to_json() for e in entries],
+                        "dues": [e.at for e in entries],
+                    },
+                ).all()
+                won = bool(recorded)
+            else:
+                won = self._mark(session, owner, message_ids, outcome, entries)
+        if not won:
+            session.rollback()
+            return False
         session.commit()
         return True
 
     @staticmethod
-    def _marked(session: Session, owner: str, message_id: str) -> bool:
-        found = session.scalar(
-            select(inbox.c.message_id).filter_by(owner=owner, message_id=message_id)
-        )
-        return found is not None
+    def _mark(
+        session: Session,
+        owner: str,
+        message_ids: list[str],
+        outcome: dict[str, Any],
+        entries: Sequence[Entry],
+    ) -> bool:
+        marks = [{"o": owner, "m": m, "outcome": outcome} for m in message_ids]
+        if message_ids[0] not in set(session.scalars(_MARK, marks)):
+            return False
+        if entries:
+            rows = [
+                {"owner": owner, "message_id": e.message_id, "entry": e.to_json(), "due_at": e.at}
+                for e in entries
+            ]
+            session.execute(_OUTBOX_INSERT, rows)
+        return True
 
     def discard(self, tx: Session | None) -> None:
         if tx is not None:
             tx.close()  # rolls back what the handler wrote
 
     def delivered(self, owner: str, entry_ids: list[str]) -> None:
-        with _transient(), self.engine.begin() as conn:
-            conn.execute(
-                delete(outbox).where(outbox.c.owner == owner, outbox.c.message_id.in_(entry_ids))
-            )
+        with _transient(), self.autocommit.connect() as conn:
+            conn.execute(_DELIVERED, {"o": owner, "ids": entry_ids})
 
     def claim_stale(self, grace: float, limit: int) -> list[tuple[str, Entry]]:
         now = time.time()
@@ -259,20 +313,18 @@ class SqlStore:
             return int(conn.scalar(select(func.count()).select_from(outbox)) or 0)
 
     def ended(self, owner: str, message_id: str) -> None:
-        with _transient(), self.engine.begin() as conn:
-            conn.execute(delete(runs).filter_by(owner=owner, message_id=message_id))
+        with _transient(), self.autocommit.connect() as conn:
+            conn.execute(_ENDED, {"o": owner, "m": message_id})
 
     def runs(self, owner: str, message_id: str) -> int:
         """Runs begun and not ended: a run in progress, or runs that died with their worker."""
         with self.engine.connect() as conn:
-            found = conn.scalar(select(runs.c.runs).filter_by(owner=owner, message_id=message_id))
+            found = conn.scalar(select(inbox.c.runs).where(_KEY), {"o": owner, "m": message_id})
             return int(found or 0)
 
     def outcome(self, owner: str, message_id: str) -> dict[str, Any] | None:
-        with _transient(), self.engine.connect() as conn:
-            done = conn.scalar(
-                select(inbox.c.outcome).filter_by(owner=owner, message_id=message_id)
-            )
+        with _transient(), self.autocommit.connect() as conn:
+            done = conn.scalar(_OUTCOME, {"o": owner, "m": message_id})
             return None if done is None else dict(done)
 
     def drop_schema(self) -> None:

@@ -252,8 +252,8 @@ def _announced_once(broker: BrokerContext, before: int, names: dict[str, str]) -
 
 def _runs(broker: BrokerContext, pending: PendingReply) -> int:
     query = text(
-        f'SELECT coalesce(sum(runs), 0) FROM "{broker.settings.database_schema}".postroom_runs '
-        "WHERE owner = 'assets' AND message_id = :id"
+        f'SELECT coalesce(sum(runs), 0) FROM "{broker.settings.database_schema}".postroom_inbox '
+        "WHERE owner = 'assets' AND message_id = :id AND outcome IS NULL"
     )
     with observer.connect() as conn:
         return int(conn.scalar(query, {"id": pending.message_id}) or 0)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import create_engine, event, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import registry
+from sqlalchemy.pool import NullPool
 
 import tasks.state
+from postroom.outbox import Entry
 from postroom.retries import RetryPolicy
 from postroom.stores.sql import VERSION_TABLE, SqlStore, inbox
 from tests.stores.conftest import kv
@@ -49,10 +52,64 @@ def test_migrate_creates_the_schema_and_every_table_once_however_often_it_runs(
     for thread in migrations:
         thread.join(30)
     store.migrate()
-    assert _versions(store) == {"postroom_0001", "assets_0001"}
+    assert _versions(store) == {"postroom_0002", "assets_0001"}
     assert _tables(store) == {
-        VERSION_TABLE, "postroom_inbox", "postroom_runs", "postroom_outbox", "assets", "asset_devices"
+        VERSION_TABLE, "postroom_inbox", "postroom_outbox", "assets", "asset_devices"
     }  # fmt: skip
+
+
+def test_runs_counted_before_the_upgrade_to_one_row_per_message_keep_their_count(
+    store: SqlStore,
+) -> None:
+    store.migrate("postroom_0001")
+    runs = f'"{store.schema}".postroom_runs'
+    with store.engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {runs} VALUES ('assets', 'm1', 2)"))
+    store.migrate()
+    assert store.runs("assets", "m1") == 2
+    assert store.begin("assets", "m1") == (None, 3)
+    assert "postroom_runs" not in _tables(store)
+
+
+def test_a_handling_costs_postroom_three_statements_besides_the_handlers(store: SqlStore) -> None:
+    store.migrate()
+    kv.create(store.engine)
+    statements: list[str] = []
+    event.listen(store.engine.engine, "before_cursor_execute", _record(statements))
+    message = str(uuid.uuid4())
+    assert store.begin("assets", message) == (None, 1)
+    session = store.transaction()
+    session.execute(insert(kv).values(k=message, v="1"))  # the handler's
+    entry = Entry(str(uuid.uuid4()), "event", "AssetRegistered", {}, None, message, "assets")
+    assert store.settle(session, "assets", [message], {"status": "handled"}, [entry]) is True
+    store.delivered("assets", [entry.message_id])
+    # the run counted; the handler's row; the mark with the outbox row; its removal once sent
+    assert [s.split()[0] for s in statements] == ["INSERT", "INSERT", "WITH", "DELETE"]
+    assert store.outcome("assets", message) == {"status": "handled"}
+
+
+def _record(statements: list[str]) -> Callable[..., None]:
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    return record
+
+
+def test_a_connection_that_died_in_the_pool_fails_one_call_as_transient_then_is_replaced(
+    store: SqlStore,
+) -> None:
+    store.migrate()
+    message = str(uuid.uuid4())
+    assert store.begin("assets", message) == (None, 1)
+    with store.engine.connect() as conn:  # the one pooled connection, idle between calls
+        pid = conn.scalar(select(func.pg_backend_pid()))
+    outsider = create_engine(DATABASE, poolclass=NullPool)
+    with outsider.begin() as conn:  # as a restart of the database would
+        conn.execute(select(func.pg_terminate_backend(pid)))
+    outsider.dispose()
+    with pytest.raises(RetryPolicy().retry_on):
+        store.begin("assets", message)
+    assert store.begin("assets", message) == (None, 2)  # the failed run never counted
 
 
 def test_the_handler_reads_its_own_writes_through_the_session(store: SqlStore) -> None:
