@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from postroom.messages import Command, Event, Query, contract_for
@@ -60,21 +61,47 @@ class Relay:
     def __init__(self, bus: Publisher) -> None:
         self.bus = bus
 
-    def dispatch(self, store: InboxStore, owner: str, entries: Sequence[Entry]) -> None:
-        """Right after commit. A failure leaves the rest to the sweep: the outcome stands (a
-        store that fails to remove what was sent only has the sweep send it again, and the
-        receivers' inboxes drop the repeat)."""
+    def dispatch(
+        self,
+        store: InboxStore,
+        owner: str,
+        entries: Sequence[Entry],
+        *,
+        later: list[Callable[[], None]] | None = None,
+    ) -> None:
+        """Right after commit. A failure leaves the rest to the sweep: the outcome stands. The
+        sent entries' removal goes to ``later`` if given (it need not delay the reply: a store
+        that never removes them only has the sweep send them again, and the receivers' inboxes
+        drop the repeat)."""
         if not entries:
             return
         try:
             for entry in entries:
                 self._send(entry)
-            store.delivered(owner, [e.message_id for e in entries])
         except Exception:
             logger.warning(
                 "%d committed message(s) of %s are not dispatched yet; the outbox sweep will "
                 "send them",
                 len(entries),
+                owner,
+                exc_info=True,
+            )
+            return
+        remove = partial(self._remove, store, owner, [e.message_id for e in entries])
+        if later is None:
+            remove()
+        else:
+            later.append(remove)
+
+    @staticmethod
+    def _remove(store: InboxStore, owner: str, entry_ids: list[str]) -> None:
+        try:
+            store.delivered(owner, entry_ids)
+        except Exception:
+            logger.warning(
+                "%d message(s) of %s were sent but are still in the outbox; the outbox sweep "
+                "will send them again, and their receivers will drop the repeat",
+                len(entry_ids),
                 owner,
                 exc_info=True,
             )

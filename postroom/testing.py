@@ -243,6 +243,8 @@ class Harness:
 
     def _handle(self, delivery: Delivery) -> None:
         outcome = self.pipeline(delivery)
+        for deferred in delivery.after_reply:
+            deferred()
         if outcome.status == "retry":
             again = _fresh(delivery)
             again.attempt = delivery.attempt + 1

@@ -110,6 +110,12 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
             parent_id=request.parent_id,
         )
 
+    def after_return(self, *args: Any) -> None:
+        """Celery calls this once the result (the reply) is stored: what the run left for
+        later runs now, off the reply's way."""
+        for deferred in getattr(self.request, "postroom_after_reply", ()):
+            deferred()
+
     def settle(self, delivery: Delivery, outcome: Outcome) -> Any:
         """The outcome in Celery's terms: a result, a FAILURE carrying the reply, or a retry."""
         if outcome.status == "retry":
@@ -138,6 +144,7 @@ def register_task(name: str, kind: Kind, module: str, doc: str | None, **attrs: 
         from postroom.install import installation  # noqa: PLC0415 - install imports this module
 
         delivery = task.delivery(args, payload)
+        task.request.postroom_after_reply = delivery.after_reply
         return task.settle(delivery, installation(task.app).pipeline(delivery))
 
     run.__module__, run.__doc__ = module, doc

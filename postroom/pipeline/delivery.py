@@ -105,6 +105,9 @@ class Delivery:
     runs: int = 0  # runs begun and not ended, this one included (0: not counted)
     committed: bool = False
     ctx: HandlerContext | None = None
+    #: what waits until the reply is out (the sent entries' removal from the outbox): nobody
+    #: waits for it, and a run that dies first leaves it to the outbox sweep
+    after_reply: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def store(self) -> InboxStore:

@@ -393,7 +393,9 @@ class Commit(Step):
         store = delivery.store
         if ctx.commit(record, effects=outcome.status != "rejected"):
             delivery.committed = True
-            delivery.runtime.relay.dispatch(store, delivery.owner, ctx.outbox)
+            delivery.runtime.relay.dispatch(
+                store, delivery.owner, ctx.outbox, later=delivery.after_reply
+            )
             return outcome
         done = store.outcome(delivery.owner, delivery.inbox_id) or {}
         return recorded(delivery, done)
