@@ -1,1 +1,4 @@
-"""Load and speed: the soak run, and (later) benchmarks against bare Celery."""
+"""Load and speed: the soak run, and benchmarks against bare Celery and Dramatiq."""
+
+#: the parts of a run, in order; ``python -m bench --only`` picks some
+PARTS = ("commands", "sql", "fanout", "growth")

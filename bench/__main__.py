@@ -19,19 +19,20 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
+from bench import PARTS
 from tests.support import ROOT, broker_context
 
 RESULTS = ROOT / "bench" / "results"
 SYSTEMS = ("postroom", "celery", "dramatiq")
 
 
-def run_broker(kind: str, size: str, rounds: int) -> dict[str, dict[str, float]]:
+def run_broker(kind: str, size: str, rounds: int, parts: str) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as workdir:
         ctx = broker_context(kind, Path(workdir), imports="bench.services", log_level="WARNING")
         try:
             out = Path(workdir) / "results.json"
             subprocess.run(
-                [sys.executable, "-m", "bench.measure", size, str(rounds), str(out)],
+                [sys.executable, "-m", "bench.measure", size, str(rounds), str(out), parts],
                 cwd=ROOT,
                 env=ctx.env,
                 check=True,
@@ -82,11 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["tiny", "small", "full"], default="small")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=PARTS,
+        help="measure only these parts (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     sections = []
     for kind in args.broker or ["redis", "rabbitmq"]:
-        results = run_broker(kind, args.size, args.rounds)
+        results = run_broker(kind, args.size, args.rounds, ",".join(args.only or PARTS))
         (args.out / f"{kind}.json").write_text(json.dumps(results, indent=2))
         sections.append(table(kind, results))
     machine = (
@@ -94,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         f"Python {platform.python_version()}, celery {version('celery')}, kombu "
         f"{version('kombu')}, dramatiq {version('dramatiq')}"
     )
+    only = "".join(f" --only {part}" for part in args.only or ())
     header = (
         f"Measured {datetime.now(UTC):%Y-%m-%d} with `python -m bench --size {args.size} "
-        f"--rounds {args.rounds}` on {machine}. Rates are per second; medians (min-max)."
+        f"--rounds {args.rounds}{only}` on {machine}. Rates are per second; medians (min-max)."
     )
     (args.out / "results.md").write_text(header + "\n\n" + "\n\n".join(sections) + "\n")
     print((args.out / "results.md").read_text())

@@ -27,7 +27,7 @@ from typing import Any
 import redis
 from sqlalchemy import func, select
 
-from bench import peers
+from bench import PARTS, peers
 from bench.services import (
     BENCH_POOLS,
     BENCH_SQL_AUDIT,
@@ -352,16 +352,22 @@ def measure_growth(sizes: tuple[int, int], results: dict[str, list[float]]) -> N
 
 def main() -> None:
     size, rounds, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    parts = sys.argv[4].split(",") if len(sys.argv) > 4 else PARTS
     chosen = SIZES[size]
     results: dict[str, list[float]] = {}
-    prepare_sql()
+    if "sql" in parts:
+        prepare_sql()
     for _ in range(rounds):
-        for system in systems():  # A B C, A B C, ...
-            measure_round(system, chosen.n, chosen.roundtrips, results)
-        for sql_system in sql_systems():  # then A' B' (Dramatiq has no SQL peer)
-            measure_sql_round(sql_system, chosen.n, chosen.roundtrips, results)
-    measure_fanout(chosen.events, results)
-    measure_growth(chosen.growth, results)
+        if "commands" in parts:
+            for system in systems():  # A B C, A B C, ...
+                measure_round(system, chosen.n, chosen.roundtrips, results)
+        if "sql" in parts:
+            for sql_system in sql_systems():  # then A' B' (Dramatiq has no SQL peer)
+                measure_sql_round(sql_system, chosen.n, chosen.roundtrips, results)
+    if "fanout" in parts:
+        measure_fanout(chosen.events, results)
+    if "growth" in parts:
+        measure_growth(chosen.growth, results)
     summary = {
         key: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": len(v)}
         for key, v in results.items()
