@@ -32,3 +32,12 @@ def test_the_benchmark_measures_every_system_on_both_brokers(tmp_path: Path) -> 
     assert "| drain_per_s |" in table
     assert "| sql_drain_per_s |" in table
     assert "#### rabbitmq" in table
+
+
+def test_only_measures_the_parts_asked_for(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "bench", "--broker", "redis", "--size", "tiny",
+                    "--rounds", "1", "--only", "growth", "--out", str(tmp_path)],
+                   cwd=ROOT, check=True, timeout=280, capture_output=True)  # fmt: skip
+    results = json.loads((tmp_path / "redis.json").read_text())
+    assert {key.split("|")[0] for key in results} == {"drain_per_s_with_backlog"}
+    assert "--only growth" in (tmp_path / "results.md").read_text()
