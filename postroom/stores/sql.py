@@ -48,6 +48,7 @@ from sqlalchemy import (
     column,
     create_engine,
     delete,
+    event,
     exists,
     func,
     insert,
@@ -157,10 +158,19 @@ class SqlStore:
         self.migrations = [Path(m) for m in migrations]
         # every table without a schema of its own (postroom's and the service's) goes to ``schema``
         self.engine = engine.execution_options(schema_translate_map={None: schema or None})
-        # a statement that stands alone needs no BEGIN and COMMIT round trips
-        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # postroom's bookkeeping (a run's count, the removal of sent entries) stands alone, so
+        # it needs no BEGIN and COMMIT round trips, and it does not wait for its commit to reach
+        # the disk: a database that crashes loses at most its last moments, which costs the
+        # poison guard one run or the sweep one repeat (dropped by the receivers), never an
+        # effect. The handling itself (writes, mark, outbox) commits as the database is set to.
+        bookkeeping = create_engine(engine.url, pool=engine.pool.recreate())
+        event.listen(bookkeeping, "connect", _commit_asynchronously)
+        self.autocommit = bookkeeping.execution_options(
+            isolation_level="AUTOCOMMIT", schema_translate_map={None: schema or None}
+        )
         _dispose_after_fork(engine)
+        _dispose_after_fork(bookkeeping)
 
     @classmethod
     def from_url(
@@ -346,6 +356,13 @@ def _transient() -> Iterator[None]:
         if exc.connection_invalidated:
             raise TransientError(f"the database connection was lost: {exc}") from exc
         raise
+
+
+def _commit_asynchronously(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("SET synchronous_commit TO off")  # for the session, not just this transaction
+    cursor.close()
+    connection.commit()
 
 
 def _dispose_after_fork(engine: Engine) -> None:

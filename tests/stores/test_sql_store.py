@@ -75,7 +75,8 @@ def test_a_handling_costs_postroom_three_statements_besides_the_handlers(store: 
     store.migrate()
     kv.create(store.engine)
     statements: list[str] = []
-    event.listen(store.engine.engine, "before_cursor_execute", _record(statements))
+    for engine in (store.engine.engine, store.autocommit.engine):
+        event.listen(engine, "before_cursor_execute", _record(statements))
     message = str(uuid.uuid4())
     assert store.begin("assets", message) == (None, 1)
     session = store.transaction()
@@ -86,6 +87,18 @@ def test_a_handling_costs_postroom_three_statements_besides_the_handlers(store: 
     # the run counted; the handler's row; the mark with the outbox row; its removal once sent
     assert [s.split()[0] for s in statements] == ["INSERT", "INSERT", "WITH", "DELETE"]
     assert store.outcome("assets", message) == {"status": "handled"}
+
+
+def test_only_postroom_bookkeeping_skips_waiting_for_the_disk_and_the_handling_does_not(
+    store: SqlStore,
+) -> None:
+    with store.autocommit.connect() as conn:  # a run's count, the removal of sent entries
+        assert conn.scalar(text("SHOW synchronous_commit")) == "off"
+    session = store.transaction()  # the handler's writes, the mark and the outbox rows
+    assert session.scalar(text("SHOW synchronous_commit")) == "on"
+    store.discard(session)
+    with store.engine.connect() as conn:  # the service's own connections are left as they were
+        assert conn.scalar(text("SHOW synchronous_commit")) == "on"
 
 
 def _record(statements: list[str]) -> Callable[..., None]:
@@ -101,7 +114,7 @@ def test_a_connection_that_died_in_the_pool_fails_one_call_as_transient_then_is_
     store.migrate()
     message = str(uuid.uuid4())
     assert store.begin("assets", message) == (None, 1)
-    with store.engine.connect() as conn:  # the one pooled connection, idle between calls
+    with store.autocommit.connect() as conn:  # the one pooled connection, idle between calls
         pid = conn.scalar(select(func.pg_backend_pid()))
     outsider = create_engine(DATABASE, poolclass=NullPool)
     with outsider.begin() as conn:  # as a restart of the database would
