@@ -26,6 +26,7 @@ from celery.utils.nodenames import anon_nodename
 from kombu import Producer, Queue
 from kombu.common import maybe_declare
 
+from postroom._celery.fetch import ring
 from postroom.headers import Envelope
 
 #: options Celery puts in every task body; postroom uses none of them
@@ -178,6 +179,7 @@ def _redis_publish(channel: Any, messages: Sequence[tuple[Queue, TaskMessage]]) 
             with client.pipeline(transaction=False) as pipe:
                 for name, payloads in by_queue.items():
                     pipe.lpush(name, *payloads)  # LPUSH a b c, consumed from the tail: a, b, c
+                    ring(lambda command, *args: getattr(pipe, command)(*args), name)
                 pipe.execute()
 
 
