@@ -7,11 +7,15 @@ what ``QoS.append`` writes (``[payload, exchange, routing_key]`` under the deliv
 delivery time), so kombu's acks, ``restore_visible``, Flower and older workers treat it as their
 own.
 
-A blocking pop cannot run inside a script, so an idle consumer blocks (``BZPOPMIN``) on its
-queues' doorbells instead: one tiny sorted set per queue that every postroom path putting a message
-on a queue rings after the push. Woken, or when the wait times out (kombu's ``brpop_timeout``, one
-second), the consumer runs FETCH again; the timeout is what finds the messages of a publisher that
-does not ring, such as a stock kombu client, so theirs wait up to that second longer.
+A blocking pop cannot run inside a script, so a consumer that found its queues empty blocks
+(``BZPOPMIN``) on their doorbells instead: one tiny sorted set per queue, which every postroom path
+putting a message on a queue rings after the push. The consumer sends its next FETCH right behind
+the wait, in the same write, and Redis runs it the moment a doorbell rings or the wait times out
+(kombu's ``brpop_timeout``, one second): a woken consumer gets the message in the same round trip,
+and the timeout is what finds the messages of a publisher that does not ring, such as a stock
+kombu client, so theirs wait up to that second longer. The delivery time such a fetch records is
+when the consumer sent it, so up to that second early: kombu's sweep may count the message as
+overdue that much sooner.
 
 A ring wakes one consumer. FETCH rings again when it leaves messages behind in the queue, so a
 burst wakes the idle consumers one after another, and it silences the doorbells of queues it finds
@@ -116,5 +120,5 @@ def fetch_command(
 
 
 def wait_command(prefix: str, queues: Sequence[str], timeout: float) -> list[Any]:
-    """``BZPOPMIN`` on the doorbells of ``queues`` (0: no timeout)."""
+    """``BZPOPMIN`` on the doorbells of ``queues`` (0: no timeout), to send before a fetch."""
     return ["BZPOPMIN", *(prefix + doorbell(q) for q in queues), timeout]

@@ -2,8 +2,8 @@
 
 **Atomic fetch.** kombu consumes with ``BRPOP`` and records the message as unacknowledged one round
 trip later, so a worker killed in between loses it (celery/celery#7950). Here the consumer runs
-postroom._celery.fetch's script instead, which does both in one step, and waits on its queues'
-doorbells when they are empty. kombu's poller still drives it all: the commands are sent and read
+postroom._celery.fetch's script instead, which does both in one step, behind a wait on its queues'
+doorbells when they were empty. kombu's poller still drives it all: the commands are sent and read
 through ``_brpop_start`` and ``_brpop_read``, so its pausing under a full prefetch, its health
 check of the blocked connection and its re-authentication keep working. Every push of this channel
 (publishes and kombu's restores) rings the queue's doorbell.
@@ -49,7 +49,7 @@ class Channel(redis.Channel):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._no_ack: set[str] = set()  # queues whose consumer never acknowledges
         self._fetch_next = True  # else wait on the doorbells first
-        self._awaiting = ""  # the command whose reply the consumer's connection holds next
+        self._waiting = False  # whether the fetch in flight waits on the doorbells first
         self._fetched_from: list[str] = []  # each list's queue, in the last fetch's order
 
     def _create_client(self, asynchronous: bool = False) -> Any:
@@ -65,54 +65,42 @@ class Channel(redis.Channel):  # type: ignore[misc]
         return super().basic_consume(queue, no_ack, *args, **kwargs)
 
     def _brpop_start(self, timeout: float | None = None) -> None:
-        """Send the consumer's next command: a fetch, or, after finding its queues empty, a wait
-        on their doorbells of at most ``brpop_timeout``. Queues come in kombu's round-robin order,
-        all of their first priority before any of the next, as kombu's ``BRPOP`` takes them."""
+        """Send the consumer's next fetch; once one found its queues empty, behind a wait on their
+        doorbells of at most ``brpop_timeout``, in the same write: Redis runs the fetch the moment
+        a doorbell rings or the wait times out, so a woken consumer reads the message at once.
+        Queues come in kombu's round-robin order, all of their first priority before any of the
+        next, as kombu's ``BRPOP`` takes them."""
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        if self._fetch_next:
-            lists = [
-                (self._q_for_pri(queue, priority), position)
-                for priority in self.priority_steps
-                for position, queue in enumerate(queues)
-            ]
-            self._fetched_from = [queues[position] for _, position in lists]
-            recorded = [self.ack_emulation and queue not in self._no_ack for queue in queues]
-            unacked = (self.unacked_key, self.unacked_index_key)
-            command = fetch_command(
+        lists = [
+            (self._q_for_pri(queue, priority), position)
+            for priority in self.priority_steps
+            for position, queue in enumerate(queues)
+        ]
+        self._fetched_from = [queues[position] for _, position in lists]
+        commands = [
+            fetch_command(
                 self.global_keyprefix,
-                unacked,
+                (self.unacked_key, self.unacked_index_key),
                 lists=lists,
                 queues=queues,
-                recorded=recorded,
+                recorded=[self.ack_emulation and queue not in self._no_ack for queue in queues],
                 now=time(),
             )
-        else:
+        ]
+        self._waiting = not self._fetch_next
+        if self._waiting:
             wait = self.brpop_timeout if timeout is None else timeout
-            command = wait_command(self.global_keyprefix, queues, wait or 0)
-        self._awaiting = command[0]
-        self._in_poll = self.client.connection
+            commands.insert(0, wait_command(self.global_keyprefix, queues, wait or 0))
+        connection = self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
-        self.client.connection.send_command(*command)
+        connection.send_packed_command(connection.pack_commands(commands))
 
     def _brpop_read(self, **options: Any) -> bool:
-        connection = self.client.connection
         try:
-            try:
-                reply = self.client.parse_response(connection, self._awaiting, **options)
-            except self.connection_errors:
-                connection.disconnect()  # the next poll reconnects
-                self._fetch_next = True
-                raise
-            except NoScriptError:  # a restarted Redis forgot the script: load it, fetch again
-                with self.conn_or_acquire() as client:
-                    client.script_load(FETCH)
-                raise Empty() from None
-            if self._awaiting != "EVALSHA":  # a doorbell rang, or the wait timed out
-                self._fetch_next = True
-                raise Empty()
-            self._fetch_next = bool(reply)
+            reply = self._read_fetch(self.client.connection, **options)
+            self._fetch_next = bool(reply)  # else wait on the doorbells first
             if not reply:
                 raise Empty()
             self._deliver_fetched(*reply)
@@ -120,6 +108,24 @@ class Channel(redis.Channel):  # type: ignore[misc]
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()  # the connection is idle: kombu's moment to re-auth
+
+    def _read_fetch(self, connection: Any, **options: Any) -> Any:
+        """The fetch's reply, read after the wait's if one was sent."""
+        try:
+            if self._waiting:
+                self.client.parse_response(connection, "BZPOPMIN", **options)
+            return self.client.parse_response(connection, "EVALSHA", **options)
+        except NoScriptError:  # a restarted Redis forgot the script: load it, fetch again
+            self._fetch_next = True
+            with self.conn_or_acquire() as client:
+                client.script_load(FETCH)
+            raise Empty() from None
+        except BaseException:
+            # a lost connection, or an error before the fetch's reply was read: start afresh on a
+            # new connection (the next poll makes it), as kombu does after a failed BRPOP
+            connection.disconnect()
+            self._fetch_next = True
+            raise
 
     def _deliver_fetched(self, position: int, raw: bytes, recorded: int) -> None:
         queue = self._fetched_from[position - 1]
@@ -132,12 +138,12 @@ class Channel(redis.Channel):  # type: ignore[misc]
             self.fetched_tag = None
 
     def _poll_error(self, type: str, **options: Any) -> None:
-        """kombu reads and drops the reply; one the fetch script recorded comes back after the
-        visibility timeout, like any message of a consumer that never acknowledged it."""
-        if type != "BRPOP":
+        """kombu reads the reply of a connection in error; here that is the wait's and the
+        fetch's, and a message fetched is delivered rather than dropped."""
+        if type == "BRPOP":
+            self._brpop_read(**options)
+        else:
             super()._poll_error(type, **options)
-            return
-        self.client.parse_response(self.client.connection, self._awaiting, **options)
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         """kombu's push, with the doorbell rung in the same round trip."""
