@@ -169,7 +169,8 @@ def _redis_publish(channel: Any, messages: Sequence[tuple[Queue, TaskMessage]]) 
     """kombu's Redis storage format (what its ``basic_publish`` writes), pushed in pipelines.
 
     Every message gets its own delivery tag: kombu keys its unacked index by it, so a shared tag
-    would let one in-flight copy hide another from the crash-recovery sweep.
+    would let one in-flight copy hide another from the crash-recovery sweep. Each queue's doorbell
+    is rung after its push, in the same pipeline, so idle consumers wake (postroom._celery.fetch).
     """
     with channel.conn_or_acquire() as client:
         for chunk in _chunks(messages):
