@@ -8,6 +8,7 @@ service's tables go to a PostgreSQL schema named after the namespace, in the dat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,6 +39,12 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
+def children(pid: int) -> list[int]:
+    """The process IDs of ``pid``'s children (a worker's pool processes)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
+    return [int(p) for p in out.stdout.split()]
+
+
 @dataclass
 class WorkerProcess:
     pool: Pool
@@ -55,6 +62,14 @@ class WorkerProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def kill_9(self) -> None:
+        """SIGKILL the main process, then its children, as the OOM killer or a lost machine ends
+        a worker; returns once the main process is gone."""
+        for pid in [self.proc.pid, *children(self.proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 @dataclass

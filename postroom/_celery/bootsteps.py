@@ -16,6 +16,7 @@ import redis
 from celery import bootsteps
 from celery.worker import state as worker_state
 
+from postroom._celery.fetch import DOORBELL_TTL_MS, RING, doorbell
 from postroom.outbox import Relay
 from postroom.partitions import LeaseBoard, PartitionLeaser, partition_count
 from postroom.registry import registry
@@ -24,11 +25,14 @@ from postroom.topology import UNROUTED_QUEUE, command_queue_name
 
 logger = logging.getLogger(__name__)
 
-#: put one unacknowledged message back at the head of its queue, unless someone else already did
+#: put one unacknowledged message back at the head of its queue, unless someone else already did,
+#: and ring the queue's doorbell (postroom._celery.fetch)
 _RESTORE = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
     redis.call('ZREM', KEYS[2], ARGV[1])
     redis.call('RPUSH', KEYS[3], ARGV[2])
+    redis.call('ZADD', KEYS[4], 0, ARGV[3])
+    redis.call('PEXPIRE', KEYS[4], ARGV[4])
     return 1
 end
 return 0
@@ -51,12 +55,12 @@ def restore_orphans(client: redis.Redis, keyprefix: str, queue: str) -> int:
             orphans.append((client.zscore(index, tag) or 0.0, tag, message))
     restore = client.register_script(_RESTORE)
     restored = 0
-    # RPUSH puts a message where BRPOP takes the next one from: newest first, so the oldest is
-    # taken first.
+    # RPUSH puts a message where the consumer takes the next one from (the tail): newest first,
+    # so the oldest is taken first.
     for _score, tag, message in sorted(orphans, key=lambda o: o[0], reverse=True):
-        restored += int(
-            restore(keys=[unacked, index, keyprefix + queue], args=[tag, json.dumps(message)])
-        )
+        keys = [unacked, index, keyprefix + queue, keyprefix + doorbell(queue)]
+        args = [tag, json.dumps(message), RING, DOORBELL_TTL_MS]
+        restored += int(restore(keys=keys, args=args))
     return restored
 
 

@@ -26,6 +26,7 @@ from celery.utils.nodenames import anon_nodename
 from kombu import Producer, Queue
 from kombu.common import maybe_declare
 
+from postroom._celery.fetch import ring
 from postroom.headers import Envelope
 
 #: options Celery puts in every task body; postroom uses none of them
@@ -168,7 +169,8 @@ def _redis_publish(channel: Any, messages: Sequence[tuple[Queue, TaskMessage]]) 
     """kombu's Redis storage format (what its ``basic_publish`` writes), pushed in pipelines.
 
     Every message gets its own delivery tag: kombu keys its unacked index by it, so a shared tag
-    would let one in-flight copy hide another from the crash-recovery sweep.
+    would let one in-flight copy hide another from the crash-recovery sweep. Each queue's doorbell
+    is rung after its push, in the same pipeline, so idle consumers wake (postroom._celery.fetch).
     """
     with channel.conn_or_acquire() as client:
         for chunk in _chunks(messages):
@@ -178,6 +180,7 @@ def _redis_publish(channel: Any, messages: Sequence[tuple[Queue, TaskMessage]]) 
             with client.pipeline(transaction=False) as pipe:
                 for name, payloads in by_queue.items():
                     pipe.lpush(name, *payloads)  # LPUSH a b c, consumed from the tail: a, b, c
+                    ring(lambda command, *args: getattr(pipe, command)(*args), name)
                 pipe.execute()
 
 
