@@ -30,8 +30,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import alembic.command
-import alembic.config
 from sqlalchemy import (
     JSON,
     Column,
@@ -189,6 +187,11 @@ class SqlStore:
         """Bring the tables (postroom's and the service's) to ``revision`` (the newest by
         default); creates the schema if needed. Idempotent, and safe to run from several
         processes at once."""
+        # Alembic is imported here, not with the module: every worker and CLI process imports
+        # the store, few of them migrate, and the import costs each a fifth of a second
+        import alembic.command  # noqa: PLC0415
+        import alembic.config  # noqa: PLC0415
+
         config = alembic.config.Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         config.set_main_option("path_separator", "os")
