@@ -40,9 +40,18 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 def children(pid: int) -> list[int]:
-    """The process IDs of ``pid``'s children (a worker's pool processes)."""
+    """The live child processes of ``pid`` (a worker's pool processes; not one killed and not
+    reaped yet)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
-    return [int(p) for p in out.stdout.split()]
+    return [int(p) for p in out.stdout.split() if _alive(int(p))]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in {"Z", "X"}
 
 
 @dataclass

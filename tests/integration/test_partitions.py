@@ -20,7 +20,7 @@ from postroom._celery.bootsteps import restore_orphans
 from postroom.bus import route
 from postroom.partitions import partition_of
 from tests.integration.ordering import MoveTo
-from tests.support import BROKER_DB, REDIS, BrokerContext, wait_for
+from tests.support import BROKER_DB, REDIS, BrokerContext, children, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(600)]
 SETTINGS = {
@@ -34,11 +34,6 @@ ASSETS, PER_ASSET = 50, 400
 
 def worker(name: str) -> Pool:
     return Pool(name, ("commands.ordered",), concurrency=1)
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
-    return [int(p) for p in out.stdout.split()]
 
 
 def test_the_same_key_always_hashes_to_the_same_partition() -> None:

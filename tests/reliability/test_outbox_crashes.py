@@ -14,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
 import redis
@@ -25,7 +24,7 @@ from postroom import MessageBus, PendingReply
 from postroom.reliability import reliability
 from postroom.topology import command_queue_name
 from tasks.assets import RegisterAsset
-from tests.support import DATABASE, BrokerContext, WorkerProcess, wait_for
+from tests.support import DATABASE, BrokerContext, WorkerProcess, children, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(360)]
 #: the workers' PostgreSQL connections carry this name, so the test can end theirs and no others
@@ -67,20 +66,6 @@ def assets_workers(broker: BrokerContext) -> list[WorkerProcess]:
 @pytest.fixture
 def bus(broker: BrokerContext, assets_workers: list[WorkerProcess]) -> MessageBus:
     return MessageBus(broker.app, source="tests")
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (not one killed and not reaped yet)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
-    return [int(p) for p in out.stdout.split() if _alive(int(p))]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in {"Z", "X"}
 
 
 def asset_id(pending: PendingReply) -> uuid.UUID:
