@@ -67,12 +67,12 @@ class Relay:
         owner: str,
         entries: Sequence[Entry],
         *,
-        later: list[Callable[[], None]] | None = None,
+        later: list[Callable[[], None]],
     ) -> None:
         """Right after commit. A failure leaves the rest to the sweep: the outcome stands. The
-        sent entries' removal goes to ``later`` if given (it need not delay the reply: a store
-        that never removes them only has the sweep send them again, and the receivers' inboxes
-        drop the repeat)."""
+        sent entries' removal goes to ``later``: it need not delay the reply, since a store that
+        never removes them only has the sweep send them again, and the receivers' inboxes drop
+        the repeat."""
         if not entries:
             return
         try:
@@ -87,11 +87,7 @@ class Relay:
                 exc_info=True,
             )
             return
-        remove = partial(self._remove, store, owner, [e.message_id for e in entries])
-        if later is None:
-            remove()
-        else:
-            later.append(remove)
+        later.append(partial(self._remove, store, owner, [e.message_id for e in entries]))
 
     @staticmethod
     def _remove(store: InboxStore, owner: str, entry_ids: list[str]) -> None:
