@@ -16,20 +16,24 @@ service's own, in the store's schema.
 
 A message costs the database three statements besides the handler's own: ``begin`` (counts the
 run and reads a recorded outcome), the settle's mark with its outbox rows, and the outbox rows'
-removal once dispatched; plus the commit. Each statement is built once per process; the inbox row
-a run counts in is the row its mark updates.
+removal once dispatched (batched across handlings); plus the commit. These statements are compiled
+once per store and sent straight to the driver; the inbox row a run counts in is the row its mark
+updates.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import (
     JSON,
     Column,
@@ -41,6 +45,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    any_,
     bindparam,
     case,
     column,
@@ -59,6 +64,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateSchema, DropSchema
+from sqlalchemy.sql import ClauseElement
 
 from postroom.errors import TransientError
 from postroom.outbox import Entry
@@ -141,9 +147,43 @@ _MARK_AND_RECORD = (
     .returning(outbox.c.message_id)
 )
 _DELIVERED = delete(outbox).where(
-    outbox.c.owner == bindparam("o"), outbox.c.message_id.in_(bindparam("ids", expanding=True))
+    outbox.c.owner == bindparam("o"),
+    outbox.c.message_id == any_(bindparam("ids", type_=ARRAY(String))),
 )
 _OUTCOME = select(inbox.c.outcome).where(_KEY, inbox.c.outcome.is_not(None))
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """One of the statements every message costs, compiled once for a store's schema and run
+    on the driver's cursor: SQLAlchemy's execution path (a Connection, its cache lookup, result
+    processing) cost more CPU than the statement's round trip, and a worker runs several per
+    message. psycopg prepares a statement it sees repeatedly on the server, too."""
+
+    sql: str
+    defaults: dict[str, Any]
+
+    @classmethod
+    def of(cls, statement: ClauseElement, engine: Engine, schema: str) -> _Compiled:
+        compiled = (
+            statement.compile(
+                dialect=engine.dialect,
+                schema_translate_map={None: schema},
+                render_schema_translate=True,
+            )
+            if schema
+            else statement.compile(dialect=engine.dialect)
+        )
+        return cls(compiled.string, dict(compiled.params))
+
+    def run(self, connection: Any, params: dict[str, Any]) -> list[Any]:
+        """Rows returned (if any), on a DBAPI connection; a lost connection is transient."""
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(self.sql, {**self.defaults, **params})
+                return cursor.fetchall() if cursor.description else []
+        except psycopg.OperationalError as exc:
+            raise TransientError(f"the database connection was lost: {exc}") from exc
 
 
 class SqlStore:
@@ -166,6 +206,11 @@ class SqlStore:
         event.listen(bookkeeping, "connect", _commit_asynchronously)
         self.autocommit = bookkeeping.execution_options(
             isolation_level="AUTOCOMMIT", schema_translate_map={None: schema or None}
+        )
+        self._bookkeeping = bookkeeping
+        self._begin, self._begin_counted, self._mark_and_record, self._delivered = (
+            _Compiled.of(statement, engine, schema)
+            for statement in (_BEGIN, _BEGIN_COUNTED, _MARK_AND_RECORD, _DELIVERED)
         )
         _dispose_after_fork(engine)
         _dispose_after_fork(bookkeeping)
@@ -210,10 +255,8 @@ class SqlStore:
     def begin(
         self, owner: str, message_id: str, *, dedupe: bool = True
     ) -> tuple[dict[str, Any] | None, int]:
-        with _transient(), self.autocommit.connect() as conn:
-            done, count = conn.execute(
-                _BEGIN if dedupe else _BEGIN_COUNTED, {"o": owner, "m": message_id}
-            ).one()
+        statement = self._begin if dedupe else self._begin_counted
+        ((done, count),) = self._bookkeep(statement, {"o": owner, "m": message_id})
         if dedupe and done is not None:
             return dict(done), 0
         return None, int(count)
@@ -253,17 +296,17 @@ class SqlStore:
         # A copy that committed its mark first leaves this one's update nothing to do.
         with session.no_autoflush:
             if len(message_ids) == 1 and entries:
-                recorded = session.execute(
-                    _MARK_AND_RECORD,
+                recorded = self._mark_and_record.run(
+                    session.connection().connection.dbapi_connection,
                     {
                         "o": owner,
                         "m": message_ids[0],
-                        "outcome": outcome,
+                        "outcome": json.dumps(outcome),
                         "ids": [e.message_id for e in entries],
                         "entries": [e.to_json() for e in entries],
                         "dues": [e.at for e in entries],
                     },
-                ).all()
+                )
                 won = bool(recorded)
             else:
                 won = self._mark(session, owner, message_ids, outcome, entries)
@@ -297,8 +340,19 @@ class SqlStore:
             tx.close()  # rolls back what the handler wrote
 
     def delivered(self, owner: str, entry_ids: list[str]) -> None:
-        with _transient(), self.autocommit.connect() as conn:
-            conn.execute(_DELIVERED, {"o": owner, "ids": entry_ids})
+        self._bookkeep(self._delivered, {"o": owner, "ids": entry_ids})
+
+    def _bookkeep(self, statement: _Compiled, params: dict[str, Any]) -> list[Any]:
+        """A statement of postroom's bookkeeping, committed on its own (autocommit)."""
+        connection = self._bookkeeping.raw_connection()
+        try:
+            connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
+            return statement.run(connection.dbapi_connection, params)
+        except TransientError:
+            connection.invalidate()
+            raise
+        finally:
+            connection.close()
 
     def claim_stale(self, grace: float, limit: int) -> list[tuple[str, Entry]]:
         now = time.time()

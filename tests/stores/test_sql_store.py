@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import create_engine, event, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
@@ -75,8 +76,8 @@ def test_a_handling_costs_postroom_three_statements_besides_the_handlers(store: 
     store.migrate()
     kv.create(store.engine)
     statements: list[str] = []
-    for engine in (store.engine.engine, store.autocommit.engine):
-        event.listen(engine, "before_cursor_execute", _record(statements))
+    for engine in (store.engine.engine, store.autocommit.engine):  # what reaches the driver
+        event.listen(engine, "checkout", _record(statements))
     message = str(uuid.uuid4())
     assert store.begin("assets", message) == (None, 1)
     session = store.transaction()
@@ -102,8 +103,16 @@ def test_only_postroom_bookkeeping_skips_waiting_for_the_disk_and_the_handling_d
 
 
 def _record(statements: list[str]) -> Callable[..., None]:
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
+    """A pool checkout listener: every statement sent through the connection's cursors is
+    recorded, whether SQLAlchemy or the store's own compiled statements sent it."""
+
+    class Recording(psycopg.Cursor[Any]):
+        def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            statements.append(str(query))
+            return super().execute(query, *args, **kwargs)
+
+    def record(dbapi_connection: Any, *_: Any) -> None:
+        dbapi_connection.cursor_factory = Recording
 
     return record
 
