@@ -23,6 +23,7 @@ from postroom._celery import transport
 from postroom._celery.bootsteps import OutboxSweep, PartitionLeasing, consume_unrouted
 from postroom.errors import NotInstalled
 from postroom.eventlog import RedisStreamStore
+from postroom.outbox import Removals
 from postroom.pipeline import Pipeline, Runtime, Step, default_steps
 from postroom.registry import registry
 from postroom.reliability import Reliability
@@ -82,6 +83,7 @@ class Installation:
             poison_after=self.reliability.poison_after,
             signer=self.signer,
             stores=dict(self.stores),
+            removals=Removals(),
         )
 
 

@@ -2,8 +2,8 @@
 
 ``ctx.publish(event)`` and ``ctx.send(command)`` do not touch the broker. They add an Entry to the
 handling's outbox, which the store writes in the same transaction as the handler's writes and the
-inbox mark. Only once that transaction has committed does the Relay dispatch the entries (to the
-event log and the broker) and remove them. A worker killed between commit and dispatch leaves its
+inbox mark. Only once that transaction has committed (and the reply is stored) does the Relay
+dispatch the entries (to the event log and the broker) and remove them. A worker killed between commit and dispatch leaves its
 entries in the store; the sweep (every worker runs one, see postroom._celery.bootsteps) dispatches
 entries older than a grace period. An entry keeps its message ID, so a dispatch repeated after a
 crash is dropped by the receivers' inboxes.
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from postroom.messages import Command, Event, Query, contract_for
@@ -55,26 +56,65 @@ class Entry:
         return cls(**json.loads(raw))
 
 
+#: how long a sent entry may wait for its removal: the batch a removal thread gathers
+REMOVAL_WINDOW = 0.1
+
+
+class Removals:
+    """Sent entries, removed from their stores in batches by a thread of their process.
+
+    Removing the entries of one handling costs a round trip and a statement; removing those of a
+    hundred costs about the same. So a handling process hands its sent entries to this thread and
+    goes on to its next message, and the thread removes what gathered every ``window`` seconds,
+    one statement per store and owner. An entry whose removal dies with its process (killed within
+    the window) is sent again by the outbox sweep, and its receivers drop the repeat. The thread
+    starts with the first removal after a fork, and ends when a window gathered nothing.
+    """
+
+    def __init__(self, window: float = REMOVAL_WINDOW) -> None:
+        self.window = window
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[int, str], tuple[InboxStore, list[str]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, store: InboxStore, owner: str, entry_ids: list[str]) -> None:
+        with self._lock:
+            self._pending.setdefault((id(store), owner), (store, []))[1].extend(entry_ids)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="postroom-outbox-removals", daemon=True
+                )
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.window)
+            with self._lock:
+                batches, self._pending = self._pending, {}
+                if not batches:
+                    self._thread = None
+                    return
+            for (_, owner), (store, entry_ids) in batches.items():
+                Relay.remove(store, owner, entry_ids)
+
+
 class Relay:
-    """Dispatches committed entries through the bus, then removes them from the store."""
+    """Dispatches committed entries through the bus, then removes them from the store: at once,
+    or in batches if given ``removals``."""
 
-    def __init__(self, bus: Publisher) -> None:
+    def __init__(self, bus: Publisher, removals: Removals | None = None) -> None:
         self.bus = bus
+        self.removals = removals
 
-    def dispatch(
-        self,
-        store: InboxStore,
-        owner: str,
-        entries: Sequence[Entry],
-        *,
-        later: list[Callable[[], None]],
-    ) -> None:
-        """Right after commit. A failure leaves the rest to the sweep: the outcome stands. The
-        sent entries' removal goes to ``later``: it need not delay the reply, since a store that
-        never removes them only has the sweep send them again, and the receivers' inboxes drop
-        the repeat."""
-        if not entries:
-            return
+    def dispatch(self, store: InboxStore, owner: str, entries: Sequence[Entry]) -> None:
+        """Once the reply is out (the Commit step defers it there: the reply need not wait for
+        the broker, the entries are committed either way). A failure leaves the rest to the
+        sweep. A store that fails to remove sent entries only has the sweep send them again,
+        and the receivers' inboxes drop the repeat."""
         try:
             for entry in entries:
                 self._send(entry)
@@ -87,10 +127,14 @@ class Relay:
                 exc_info=True,
             )
             return
-        later.append(partial(self._remove, store, owner, [e.message_id for e in entries]))
+        sent = [e.message_id for e in entries]
+        if self.removals is None:
+            self.remove(store, owner, sent)
+        else:
+            self.removals.add(store, owner, sent)
 
     @staticmethod
-    def _remove(store: InboxStore, owner: str, entry_ids: list[str]) -> None:
+    def remove(store: InboxStore, owner: str, entry_ids: list[str]) -> None:
         try:
             store.delivered(owner, entry_ids)
         except Exception:

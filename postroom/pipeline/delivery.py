@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from postroom.headers import Envelope
 from postroom.messages import Command, Event, Message, Query
-from postroom.outbox import Relay
+from postroom.outbox import Relay, Removals
 from postroom.registry import Handler
 from postroom.retries import RetryPolicy
 from postroom.signing import Signer
@@ -65,13 +65,15 @@ class Runtime:
     sleep: Callable[[float], None] = time.sleep
     #: owners (services, pools) whose inbox, outbox and writes live elsewhere (a SQL database)
     stores: Mapping[str, InboxStore] = field(default_factory=dict)
+    #: batches the removal of sent outbox entries (a worker's); None removes them at once
+    removals: Removals | None = None
 
     def store(self, owner: str) -> InboxStore:
         return self.stores.get(owner, self.inbox)
 
     @property
     def relay(self) -> Relay:
-        return Relay(self.bus)
+        return Relay(self.bus, self.removals)
 
 
 def kind_of(contract: type[Message]) -> Kind:
@@ -105,8 +107,8 @@ class Delivery:
     runs: int = 0  # runs begun and not ended, this one included (0: not counted)
     committed: bool = False
     ctx: HandlerContext | None = None
-    #: what waits until the reply is out (the sent entries' removal from the outbox): nobody
-    #: waits for it, and a run that dies first leaves it to the outbox sweep
+    #: what waits until the reply is out (the outbox's dispatch): nobody waits for it, and a run
+    #: that dies first leaves it to the outbox sweep
     after_reply: list[Callable[[], None]] = field(default_factory=list)
 
     @property

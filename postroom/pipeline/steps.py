@@ -17,6 +17,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
@@ -372,8 +373,8 @@ class Retry(Step):
 
 
 class Commit(Step):
-    """The handler's writes, its outbox and the inbox mark land together, or not at all; then the
-    outbox is dispatched. A rejection records the mark alone: it changes and announces nothing.
+    """The handler's writes, its outbox and the inbox mark land together, or not at all; the
+    outbox is dispatched once the reply is out. A rejection records the mark alone: it changes and announces nothing.
     If a concurrent copy of the message committed first, this run's effects are dropped and its
     outcome is returned. A run that ends any other way leaves no writes behind (nor, on SQL, an
     open transaction holding its connection and locks)."""
@@ -393,9 +394,11 @@ class Commit(Step):
         store = delivery.store
         if ctx.commit(record, effects=outcome.status != "rejected"):
             delivery.committed = True
-            delivery.runtime.relay.dispatch(
-                store, delivery.owner, ctx.outbox, later=delivery.after_reply
-            )
+            if ctx.outbox:  # sent once the reply is out: the reply need not wait for them
+                dispatch = partial(
+                    delivery.runtime.relay.dispatch, store, delivery.owner, ctx.outbox
+                )
+                delivery.after_reply.append(dispatch)
             return outcome
         done = store.outcome(delivery.owner, delivery.inbox_id) or {}
         return recorded(delivery, done)

@@ -126,15 +126,13 @@ def _first_time(name: str) -> bool:
 _dispatch = Relay.dispatch
 
 
-def _dispatch_or_die(
-    self: Relay, store: Any, owner: str, entries: Sequence[Entry], **options: Any
-) -> None:
+def _dispatch_or_die(self: Relay, store: Any, owner: str, entries: Sequence[Entry]) -> None:
     """Fault injection for the outbox tests: an Announce(then="die_before_dispatch") kills its
     worker process once, after its handling committed and before its outbox is dispatched."""
     doomed = [e for e in entries if e.payload.get("key", "").startswith("die_before_dispatch")]
     if doomed and _first_time(f"dispatch:{doomed[0].payload['key']}"):
         os.kill(os.getpid(), signal.SIGKILL)
-    _dispatch(self, store, owner, entries, **options)
+    _dispatch(self, store, owner, entries)
 
 
 Relay.dispatch = _dispatch_or_die  # type: ignore[method-assign]
