@@ -3,8 +3,9 @@
 Everything at-least-once delivery rests on is set here and nowhere else: late acks, requeue on a
 lost worker, prefetch 1, JSON only, durable queues, publisher confirms on RabbitMQ, one visibility
 timeout for every process, queues and routes derived from the registry, the guarded consumer, the
-partition leases, the stores and the pipeline. The bus refuses an app without it (NotInstalled),
-rather than falling back to Celery's defaults (amqp://localhost, no result backend).
+partition leases, the heartbeat of the messages a worker holds (Redis), the stores and the
+pipeline. The bus refuses an app without it (NotInstalled), rather than falling back to Celery's
+defaults (amqp://localhost, no result backend).
 """
 
 from __future__ import annotations

@@ -199,10 +199,16 @@ class OutboxSweep(bootsteps.StartStopStep):  # type: ignore[misc]
     shutdown = stop
 
 
+#: heartbeats per visibility timeout: a live worker's messages outlast three missed beats
+BEATS_PER_TIMEOUT = 4
+
+
 def held_delivery_tags() -> list[str]:
     """The delivery tags of the messages this worker process holds: waiting for a pool process,
     running, or waiting out a countdown. Celery's worker state lists them all in ``requests``,
     kept by the process that consumes (a prefork worker's main process)."""
+    # copied at once, as the consumer's thread changes it meanwhile (a change in the middle of the
+    # copy raises RuntimeError, and that beat is skipped)
     return [request.message.delivery_tag for request in list(worker_state.requests.values())]
 
 
@@ -235,7 +241,7 @@ class Heartbeat(threading.Thread):
             while not self._stop.wait(self.interval):
                 try:
                     refresh(channel, held_delivery_tags(), time.time())
-                except Exception as error:  # Redis away: the next beat tries again
+                except Exception as error:  # Redis away, say: the next beat tries again
                     logger.warning("heartbeat of the messages in hand failed: %r", error)
 
     def stop(self) -> None:
@@ -243,9 +249,9 @@ class Heartbeat(threading.Thread):
 
 
 class MessageHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer bootstep: on Redis, a worker beats for the messages it holds, four times per
-    visibility timeout, from its start until its shutdown (not its consumer's restarts: the
-    messages it runs meanwhile are still its own)."""
+    """Consumer bootstep: on Redis, a worker beats for the messages it holds, BEATS_PER_TIMEOUT
+    times per visibility timeout, from its start until its shutdown (not only while its consumer
+    is connected: the messages it runs across a reconnection are still its own)."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -259,7 +265,7 @@ class MessageHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         settings = installation(c.app).settings
         if self.heartbeat is not None or not settings.broker_is_redis:
             return  # RabbitMQ keeps a delivered message as long as its consumer's connection
-        self.heartbeat = Heartbeat(c.app, settings.visibility_timeout / 4)
+        self.heartbeat = Heartbeat(c.app, settings.visibility_timeout / BEATS_PER_TIMEOUT)
         self.heartbeat.start()
 
     def shutdown(self, c: Any) -> None:

@@ -61,10 +61,12 @@ def test_a_handler_running_three_visibility_timeouts_runs_once(broker: BrokerCon
     assert len(runs_began(broker, name)) == 1
 
 
+# a solo pool runs its handler on the worker's event loop, where a timer would not fire meanwhile
+@pytest.mark.parametrize("kind", ["prefork", "solo"])
 def test_a_killed_workers_message_is_handled_again_within_a_visibility_timeout(
-    broker: BrokerContext,
+    broker: BrokerContext, kind: str
 ) -> None:
-    doomed = broker.start_worker(Pool("probe-a", (QUEUE,), concurrency=1))
+    doomed = broker.start_worker(Pool("probe-a", (QUEUE,), concurrency=1, pool=kind))
     name = uuid.uuid4().hex
     pending = MessageBus(broker.app, source="tests").send(Linger(key=name, seconds=120))
     wait_for(lambda: runs_began(broker, name), timeout=10)
