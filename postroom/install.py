@@ -3,8 +3,9 @@
 Everything at-least-once delivery rests on is set here and nowhere else: late acks, requeue on a
 lost worker, prefetch 1, JSON only, durable queues, publisher confirms on RabbitMQ, one visibility
 timeout for every process, queues and routes derived from the registry, the guarded consumer, the
-partition leases, the stores and the pipeline. The bus refuses an app without it (NotInstalled),
-rather than falling back to Celery's defaults (amqp://localhost, no result backend).
+partition leases, the heartbeat of the messages a worker holds (Redis), the stores and the
+pipeline. The bus refuses an app without it (NotInstalled), rather than falling back to Celery's
+defaults (amqp://localhost, no result backend).
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from celery.signals import celeryd_after_setup
 
 from postroom import telemetry
 from postroom._celery import transport
-from postroom._celery.bootsteps import OutboxSweep, PartitionLeasing, consume_unrouted
+from postroom._celery.bootsteps import (
+    MessageHeartbeat,
+    OutboxSweep,
+    PartitionLeasing,
+    consume_unrouted,
+)
 from postroom.errors import NotInstalled
 from postroom.eventlog import RedisStreamStore
 from postroom.outbox import Removals
@@ -165,6 +171,7 @@ def install(
     )
     app.steps["consumer"].add(PartitionLeasing)
     app.steps["consumer"].add(OutboxSweep)
+    app.steps["consumer"].add(MessageHeartbeat)
     celeryd_after_setup.connect(consume_unrouted, weak=False, dispatch_uid="postroom.unrouted")
     telemetry.configure(settings)
     return installed

@@ -59,14 +59,17 @@ class Settings(BaseSettings):
         description="prefix of every Redis key postroom writes: broker queues (on Redis) and service state",
     )
     visibility_timeout: int = Field(
-        600,
-        description="seconds before Redis redelivers an unacknowledged message; must exceed the longest "
-        "handler run plus the longest retry delay",
+        30,
+        gt=0,
+        description="Redis only: seconds a delivered message may go unacknowledged without a heartbeat "
+        "of its worker (four per timeout) before it is delivered again; a dead worker's messages come "
+        "back after about this, and a handler may run longer",
     )
     restore_interval: int = Field(
-        10,
-        description="Redis only: seconds between the sweeps that give expired unacknowledged messages back "
-        "(kombu's default is about 100 s)",
+        5,
+        gt=0,
+        description="Redis only: seconds between the sweeps that give back messages past the visibility "
+        "timeout (kombu's default is about 100 s)",
     )
     inbox_retention: int = Field(
         604800,
@@ -261,6 +264,13 @@ def _explain(error: ValidationError) -> str:
         field = Settings.model_fields.get(name)
         if field is None:
             problems.append(detail["msg"])
+            continue
+        if detail["type"] == "greater_than":
+            bound = detail.get("ctx", {}).get("gt")
+            problems.append(
+                f"{env_name(name)}={detail['input']!r} must be greater than {bound}: "
+                f"{field.description}"
+            )
             continue
         kind = getattr(field.annotation, "__name__", str(field.annotation))
         if kind == "bool":

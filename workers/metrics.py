@@ -51,7 +51,7 @@ from workers.deployment import add_server_arguments, load_or_exit, overridden
 logger = logging.getLogger("postroom.metrics")
 
 LABELS = ("message_type", "pool")
-#: handlers run from milliseconds to minutes (the visibility timeout allows ten)
+#: handlers run from milliseconds to minutes (the heartbeat lets them outlast the visibility timeout)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 #: how many task IDs to remember between a task's arrival and its outcome
 REMEMBERED_TASKS = 100_000

@@ -1,4 +1,5 @@
-"""What postroom adds to a Celery worker: partition leases, the outbox sweep, the unrouted queue.
+"""What postroom adds to a Celery worker: partition leases, the outbox sweep, the unrouted queue,
+and on Redis the heartbeat of the messages it holds.
 
 The partition leasing logic (postroom.partitions) asks the worker three things through
 WorkerHooks; the answers here touch Celery's consumer, its worker state and kombu's Redis
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -194,3 +197,78 @@ class OutboxSweep(bootsteps.StartStopStep):  # type: ignore[misc]
             self.sweeper = None
 
     shutdown = stop
+
+
+#: heartbeats per visibility timeout: a live worker's messages outlast three missed beats
+BEATS_PER_TIMEOUT = 4
+
+
+def held_delivery_tags() -> list[str]:
+    """The delivery tags of the messages this worker process holds: waiting for a pool process,
+    running, or waiting out a countdown. Celery's worker state lists them all in ``requests``,
+    kept by the process that consumes (a prefork worker's main process)."""
+    # copied at once, as the consumer's thread changes it meanwhile (a change in the middle of the
+    # copy raises RuntimeError, and that beat is skipped)
+    return [request.message.delivery_tag for request in list(worker_state.requests.values())]
+
+
+def refresh(channel: Any, tags: Sequence[str], now: float) -> None:
+    """Mark ``tags`` as delivered at ``now`` in kombu's unacknowledged index, in one ``ZADD XX``:
+    a message acknowledged meanwhile is left out rather than added back."""
+    if tags:
+        with channel.conn_or_acquire() as client:  # kombu's client: it adds the key prefix
+            client.zadd(channel.unacked_index_key, dict.fromkeys(tags, now), xx=True)
+
+
+class Heartbeat(threading.Thread):
+    """Every ``interval`` seconds, marks the messages this worker holds as just delivered.
+
+    kombu's Redis sweep gives back every unacknowledged message delivered more than the
+    visibility timeout ago, whether its worker died or is still running it. Beating keeps a
+    live worker's messages young, so the timeout can be short (a dead worker's messages come
+    back soon) without a long handler or a held countdown being delivered twice. A thread rather
+    than a timer of the worker's event loop: a solo pool runs its handler on that loop.
+    """
+
+    def __init__(self, app: Any, interval: float) -> None:
+        super().__init__(name="postroom-heartbeat", daemon=True)
+        self.app, self.interval = app, interval
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        with self.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            while not self._stop.wait(self.interval):
+                try:
+                    refresh(channel, held_delivery_tags(), time.time())
+                except Exception as error:  # Redis away, say: the next beat tries again
+                    logger.warning("heartbeat of the messages in hand failed: %r", error)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class MessageHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: on Redis, a worker beats for the messages it holds, BEATS_PER_TIMEOUT
+    times per visibility timeout, from its start until its shutdown (not only while its consumer
+    is connected: the messages it runs across a reconnection are still its own)."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.heartbeat: Heartbeat | None = None
+
+    def start(self, c: Any) -> None:
+        from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+        settings = installation(c.app).settings
+        if self.heartbeat is not None or not settings.broker_is_redis:
+            return  # RabbitMQ keeps a delivered message as long as its consumer's connection
+        self.heartbeat = Heartbeat(c.app, settings.visibility_timeout / BEATS_PER_TIMEOUT)
+        self.heartbeat.start()
+
+    def shutdown(self, c: Any) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None

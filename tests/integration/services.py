@@ -51,6 +51,13 @@ class Count(Command, service=SERVICE):
     pause: float = 0.0
 
 
+class Linger(Command, service=SERVICE):
+    """Records when each run begins; its first run then lasts ``seconds``, later ones end at once."""
+
+    key: str
+    seconds: float
+
+
 class Explode(Command, service=SERVICE):
     """Kills the worker process running it, every time: a poison message."""
 
@@ -164,6 +171,14 @@ def count(cmd: Count, ctx: HandlerContext) -> dict[str, str]:
     time.sleep(cmd.pause)
     ctx.transaction().incr(key(SERVICE, "count", cmd.key))
     return {"counted": cmd.key}
+
+
+@handles(Linger)
+def linger(cmd: Linger, ctx: HandlerContext) -> dict[str, int]:
+    runs = client().rpush(key(SERVICE, "lingered", cmd.key), time.time())
+    if runs == 1:
+        time.sleep(cmd.seconds)
+    return {"runs": runs}
 
 
 @handles(Explode)

@@ -1,9 +1,10 @@
 """postroom's Redis fetch, against kombu's own Redis transport on a real Redis.
 
 Taking a message and recording it as unacknowledged is one script (postroom/_celery/fetch.py);
-these tests hold it to what kombu itself writes and reads, so that kombu's acks and restores, and
-workers running stock kombu, keep working on postroom's queues. Each test keeps its keys under a
-prefix of its own in Redis DB 14, and deletes them afterwards.
+these tests hold it, and the workers' heartbeat that refreshes the same record, to what kombu
+itself writes and reads, so that kombu's acks and restores, and workers running stock kombu, keep
+working on postroom's queues. Each test keeps its keys under a prefix of its own in Redis DB 14,
+and deletes them afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import redis
 from kombu import Connection, Consumer, Exchange, Message, Producer, Queue
 
 from postroom._celery import transport
+from postroom._celery.bootsteps import refresh
 from postroom._celery.fetch import doorbell
 from tests.private_brokers import PrivateRedis
 from tests.support import REDIS
@@ -105,6 +107,31 @@ def test_kombus_own_ack_and_restore_handle_a_fetched_message(prefix: str, db: re
         assert sorted(m.payload["n"] for m in again) == [2, 3]
         assert all(m.delivery_info["redelivered"] for m in again)
         assert third.delivery_tag in {m.delivery_tag for m in again}
+
+
+def test_a_heartbeat_keeps_a_held_message_from_kombus_sweep_and_never_revives_an_acked_one(
+    prefix: str, db: redis.Redis
+) -> None:
+    queue, index = Queue("q"), f"{prefix}unacked_index"
+    with connect(prefix) as ours, connect(prefix, STOCK, visibility_timeout=60) as stock:
+        producer = Producer(ours)
+        for n in (1, 2):
+            producer.publish({"n": n}, routing_key="q", declare=[queue])
+        held, acked = take(ours, queue, n=2)
+        acked.ack()
+        db.zadd(index, {held.delivery_tag: 0})  # delivered long ago, past any visibility timeout
+
+        now = time.time()
+        refresh(ours.default_channel, [held.delivery_tag, acked.delivery_tag], now)
+        assert db.zscore(index, held.delivery_tag) == pytest.approx(now)
+        assert db.zscore(index, acked.delivery_tag) is None
+        sweep = stock.default_channel.qos
+        sweep.restore_visible(num=10, interval=1)  # each call sweeps (not one in ten)
+        assert db.hexists(f"{prefix}unacked", held.delivery_tag)  # still held, not given back
+
+        db.zadd(index, {held.delivery_tag: 0})  # its worker stopped beating
+        sweep.restore_visible(num=10, interval=1)
+        assert [m.delivery_tag for m in take(ours, queue)] == [held.delivery_tag]
 
 
 def test_a_consumer_of_several_queues_takes_messages_in_the_order_kombus_brpop_does(

@@ -65,6 +65,14 @@ def test_a_bad_boolean_names_the_variable_and_what_it_means() -> None:
     assert "task-sent event" in message  # what the setting means
 
 
+def test_a_visibility_timeout_of_zero_is_refused_with_what_it_means() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({"POSTROOM_VISIBILITY_TIMEOUT": "0"})
+    message = str(raised.value)
+    assert "POSTROOM_VISIBILITY_TIMEOUT='0' must be greater than 0" in message
+    assert "heartbeat" in message
+
+
 def test_every_bad_value_is_named_at_once() -> None:
     with pytest.raises(ConfigurationError) as raised:
         Settings.from_env({"POSTROOM_FLOWER_PORT": "http", "POSTROOM_RETRY_BACKOFF": "soon"})
