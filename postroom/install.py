@@ -20,7 +20,12 @@ from celery.signals import celeryd_after_setup
 
 from postroom import telemetry
 from postroom._celery import transport
-from postroom._celery.bootsteps import OutboxSweep, PartitionLeasing, consume_unrouted
+from postroom._celery.bootsteps import (
+    DelayPromotion,
+    OutboxSweep,
+    PartitionLeasing,
+    consume_unrouted,
+)
 from postroom.errors import NotInstalled
 from postroom.eventlog import RedisStreamStore
 from postroom.pipeline import Pipeline, Runtime, Step, default_steps
@@ -163,6 +168,7 @@ def install(
     )
     app.steps["consumer"].add(PartitionLeasing)
     app.steps["consumer"].add(OutboxSweep)
+    app.steps["consumer"].add(DelayPromotion)
     celeryd_after_setup.connect(consume_unrouted, weak=False, dispatch_uid="postroom.unrouted")
     telemetry.configure(settings)
     return installed
