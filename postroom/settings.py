@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(
         600,
         description="seconds before Redis redelivers an unacknowledged message; must exceed the longest "
-        "handler run plus the longest retry delay",
+        "handler run (retry delays and scheduled messages wait in the broker, not unacknowledged)",
     )
     restore_interval: int = Field(
         10,

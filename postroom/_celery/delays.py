@@ -38,6 +38,7 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from functools import cache
 from time import time
 from typing import Any
 
@@ -192,9 +193,11 @@ def level_for(remaining: float) -> int:
     return fitting[-1] if fitting else LEVELS[0]
 
 
+@cache
 def delay_queue(destination: str, level: int) -> Queue:
     """The queue a message for ``destination`` waits ``level`` ms in, before the broker moves it
-    there through the default exchange."""
+    there through the default exchange; built once (kombu declares an entity once per
+    connection, and entities are costly to build)."""
     return Queue(
         delay_queue_name(destination, level),
         durable=True,
@@ -206,6 +209,7 @@ def delay_queue(destination: str, level: int) -> Queue:
     )
 
 
+@cache
 def delayed_event_queue(level: int) -> Queue:
     """The queue an event published with a delay waits ``level`` ms in, before the broker hands it
     to the events exchange under its own routing key (its event type)."""

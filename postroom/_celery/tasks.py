@@ -2,7 +2,8 @@
 
 A task's body builds a Delivery from Celery's request, runs the pipeline, and turns the Outcome
 into a task result: a reply returned (SUCCESS), a rejected or failed reply raised (FAILURE, so
-Flower shows it as such, the reply intact), a retry through ``Task.retry`` (RETRY).
+Flower shows it as such, the reply intact), a retry through ``Task.retry`` (RETRY), its backoff held
+by the broker (postroom._celery.delays).
 
 Events: one task per event type; every worker process of a pool consumes that pool's queue only,
 so it knows its pool from the queue it was started on. The worker renames its delivery
