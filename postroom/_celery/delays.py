@@ -179,7 +179,9 @@ class Promoter(threading.Thread):
                 logger.exception("promoting delayed messages failed; will try again")
 
     def stop(self) -> None:
+        """Stop after the promotion in progress, if any (it is one script: all or nothing)."""
         self._stop.set()
+        self.join(timeout=5)
         self.client.close()
 
 

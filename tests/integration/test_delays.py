@@ -67,6 +67,7 @@ def test_fresh_messages_are_handled_promptly_while_200_retries_wait_in_backoff(
     assert [p.reply(timeout=10).status for p in fresh] == ["succeeded"] * 10
     assert time.monotonic() - started < 3.0
     assert flaky_runs(broker, keys).count(1) > 100  # most retries were still waiting meanwhile
+    assert broker.app.AsyncResult(retried[-1].correlation_id).state == "RETRY"  # as Flower shows
     replies = [p.reply(timeout=60) for p in retried]
     assert {(r.status, r.attempts) for r in replies} == {("succeeded", 2)}
 
