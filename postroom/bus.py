@@ -8,6 +8,8 @@ under that key, where ``AsyncResult.get`` waits for it on Redis pub/sub.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
+from time import time
 from typing import Any
 
 import celery
@@ -18,6 +20,7 @@ from celery.utils.nodenames import anon_nodename
 from kombu import Queue
 
 from postroom import tracing
+from postroom._celery import delays
 from postroom._celery.wire import (
     bound_queues,
     event_message,
@@ -100,6 +103,8 @@ class MessageBus:
         correlation_id: str | None = None,
         causation_id: str | None = None,
         message_id: str | None = None,
+        delay: float | None = None,
+        not_before: datetime | None = None,
     ) -> PendingReply:
         """Enqueue a command (or query) for the one service that owns it; returns at once.
 
@@ -108,21 +113,30 @@ class MessageBus:
         A caller-chosen ``message_id`` (say, derived from an HTTP Idempotency-Key) makes a resend
         the same message: the owner runs it once, and without a correlation ID of its own the
         reply is stored under the message ID, so the resend finds it.
+
+        ``delay`` (seconds) or ``not_before`` (a timezone-aware datetime) schedules it: the broker
+        keeps it until then, no worker holds it (InvalidSchedule for a negative delay, a naive
+        datetime, or both given).
         """
         _check_sendable(command)
+        due = delays.due_time(delay, not_before)
         app = self.app
         pending, payload, headers, queue = self._prepare(
             app, command, correlation_id, causation_id, signer(app), message_id=message_id
         )
+        options: dict[str, Any] = {"queue": queue}
+        if due is not None:
+            headers = delays.with_due(headers, due)
+            options = delays.route(_is_redis(app), queue.name, due)
         app.send_task(
             pending.envelope.message_type,
             kwargs=payload,
             task_id=pending.correlation_id,
             headers=headers,
-            queue=queue,
             root_id=pending.correlation_id,
             parent_id=causation_id,
             argsrepr=pending.envelope.summary(),
+            **options,
         )
         return pending
 
@@ -205,10 +219,13 @@ class MessageBus:
         causation_id: str | None = None,
         source: str | None = None,
         message_id: str | None = None,
+        delay: float | None = None,
+        not_before: datetime | None = None,
     ) -> str:
         """Broadcast an event to every pool subscribed to its type; returns its message ID.
 
         The publisher never names a subscriber: the broker's bindings decide who gets a copy.
+        ``delay`` or ``not_before`` schedules it, as for ``send``; it is logged at once.
 
         The event is appended to the event log first, then published. The log and the broker are
         two stores with no transaction across them, so one of them can hold an event the other
@@ -232,10 +249,13 @@ class MessageBus:
             causation_id=causation_id,
             message_id=message_id,
         )
+        due = delays.due_time(delay, not_before)
         app = self.app
         payload = event.payload()
         headers = _headers(envelope, payload, signer(app), "publish")
         event_log(app).append(headers, payload)
+        if due is not None:
+            headers = delays.with_due(headers, due)
         with app.producer_or_acquire() as producer:
             if producer.connection.transport.driver_type == "redis":
                 # One copy per bound pool queue, addressed to that queue alone (see topology).
@@ -253,16 +273,25 @@ class MessageBus:
                     ignore_result=True,
                     argsrepr=envelope.summary(),
                 )
+                exchange, declare = EVENTS_EXCHANGE, [EVENTS_EXCHANGE]
+                if due is not None:
+                    level = delays.level_for(due - time())
+                    exchange, headers[delays.LEVEL] = delays.DELAYED_EVENTS, str(level)
+                    declare += [delays.DELAYED_EVENTS, delays.delayed_event_queue(level)]
                 app.amqp.send_task_message(
                     producer,
                     message_type,
                     message,
-                    exchange=EVENTS_EXCHANGE.name,
+                    exchange=exchange.name,
                     routing_key=message_type,
-                    declare=[EVENTS_EXCHANGE],
+                    declare=declare,
                     headers=headers,
                 )
         return envelope.message_id
+
+
+def _is_redis(app: celery.Celery) -> bool:
+    return installation(app).settings.broker_is_redis
 
 
 def _check_sendable(command: object) -> None:

@@ -14,6 +14,7 @@ __all__ = [
     "DuplicateHandler",
     "FailedReply",
     "InvalidMessage",
+    "InvalidSchedule",
     "NotInstalled",
     "PostroomError",
     "Rejected",
@@ -44,6 +45,10 @@ class DuplicateHandler(ContractError):
 
 class WrongMessageKind(PostroomError, TypeError):
     """A message was handed to the wrong verb (an event to send(), a command to publish())."""
+
+
+class InvalidSchedule(PostroomError, ValueError):
+    """A message was sent with a delay or a not_before time it cannot be scheduled by."""
 
 
 class InvalidMessage(PostroomError, ValueError):

@@ -22,6 +22,7 @@ from celery.signals import celeryd_after_setup
 from postroom import telemetry
 from postroom._celery import transport
 from postroom._celery.bootsteps import (
+    DelayPromotion,
     MessageHeartbeat,
     OutboxSweep,
     PartitionLeasing,
@@ -172,6 +173,7 @@ def install(
     app.steps["consumer"].add(PartitionLeasing)
     app.steps["consumer"].add(OutboxSweep)
     app.steps["consumer"].add(MessageHeartbeat)
+    app.steps["consumer"].add(DelayPromotion)
     celeryd_after_setup.connect(consume_unrouted, weak=False, dispatch_uid="postroom.unrouted")
     telemetry.configure(settings)
     return installed

@@ -100,6 +100,12 @@ def event_queue(pool: str, event_types: list[str]) -> Queue:
     )
 
 
+def delay_queue_name(destination: str, level_ms: int) -> str:
+    """Where a message for ``destination`` (a queue, or the events exchange) waits ``level_ms``
+    before the broker moves it there (see postroom._celery.delays); nobody consumes it."""
+    return f"postroom.delay.{level_ms}.{destination}"
+
+
 def event_delivery_name(event_type: str, pool: str) -> str:
     """How one pool's delivery of an event is named in logs and Flower."""
     return f"{event_type}@{pool}"

@@ -1,5 +1,5 @@
 """What postroom adds to a Celery worker: partition leases, the outbox sweep, the unrouted queue,
-and on Redis the heartbeat of the messages it holds.
+and on Redis the heartbeat of the messages it holds and the promotion of delayed messages.
 
 The partition leasing logic (postroom.partitions) asks the worker three things through
 WorkerHooks; the answers here touch Celery's consumer, its worker state and kombu's Redis
@@ -19,6 +19,7 @@ import redis
 from celery import bootsteps
 from celery.worker import state as worker_state
 
+from postroom._celery.delays import Promoter
 from postroom._celery.fetch import DOORBELL_TTL_MS, RING, doorbell
 from postroom.outbox import Relay
 from postroom.partitions import LeaseBoard, PartitionLeaser, partition_count
@@ -67,16 +68,21 @@ def restore_orphans(client: redis.Redis, keyprefix: str, queue: str) -> int:
     return restored
 
 
+def broker_redis(app: Any) -> tuple[redis.Redis | None, str]:
+    """A client of the app's Redis broker and its key prefix; no client on RabbitMQ."""
+    keyprefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+    if app.conf.broker_url.startswith(("redis://", "rediss://")):
+        return redis.Redis.from_url(app.conf.broker_url), keyprefix
+    return None, keyprefix
+
+
 class CeleryWorkerHooks:
     """A Celery consumer, as a partition leaser sees it."""
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
         app = consumer.app
-        self._client: redis.Redis | None = None
-        if app.conf.broker_url.startswith(("redis://", "rediss://")):
-            self._client = redis.Redis.from_url(app.conf.broker_url)
-        self._keyprefix = (app.conf.broker_transport_options or {}).get("global_keyprefix", "")
+        self._client, self._keyprefix = broker_redis(app)
 
     def consume(self, queue: str, on: bool) -> None:
         c = self.consumer
@@ -272,3 +278,28 @@ class MessageHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat = None
+
+
+class DelayPromotion(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: on Redis, every worker moves due delayed messages to their queues
+    (postroom._celery.delays); RabbitMQ does that itself."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.promoter: Promoter | None = None
+
+    def start(self, c: Any) -> None:
+        client, keyprefix = broker_redis(c.app)
+        if client is None:
+            return
+        self.promoter = Promoter(client, keyprefix)
+        self.promoter.start()
+
+    def stop(self, c: Any) -> None:
+        if self.promoter is not None:
+            self.promoter.stop()
+            self.promoter = None
+
+    shutdown = stop

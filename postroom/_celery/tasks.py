@@ -2,7 +2,8 @@
 
 A task's body builds a Delivery from Celery's request, runs the pipeline, and turns the Outcome
 into a task result: a reply returned (SUCCESS), a rejected or failed reply raised (FAILURE, so
-Flower shows it as such, the reply intact), a retry through ``Task.retry`` (RETRY).
+Flower shows it as such, the reply intact), a retry through ``Task.retry`` (RETRY), its backoff held
+by the broker (postroom._celery.delays).
 
 Events: one task per event type; every worker process of a pool consumes that pool's queue only,
 so it knows its pool from the queue it was started on. The worker renames its delivery
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import uuid
 from functools import cache
+from time import time
 from typing import Any
 
 import celery
 from celery import shared_task
+from celery.exceptions import Ignore, Retry
 from celery.worker.request import Request
 
+from postroom._celery import delays
 from postroom.errors import ContractError, FailedReply, RejectedReply
 from postroom.headers import MESSAGE_ID, REPLAY
 from postroom.pipeline import Delivery, Kind, Outcome
@@ -116,15 +120,32 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         for deferred in getattr(self.request, "postroom_after_reply", ()):
             deferred()
 
+    def redelay(self, delivery: Delivery, due: float, retry: BaseException | None = None) -> None:
+        """Send this message back to its queue through the broker, due at ``due``: as a retry
+        of ``retry`` (raises Celery's Retry), else as the same attempt, for a message that
+        arrived early (raises Ignore: acknowledged, no state recorded)."""
+        from postroom.install import installation  # noqa: PLC0415 - install imports this module
+
+        is_redis = installation(self.app).settings.broker_is_redis
+        options = delays.route(is_redis, delivery.queue, due)
+        headers = delays.with_due(self.request.headers, due)
+        if retry is not None:
+            self.retry(exc=retry, countdown=0, headers=headers, **options)
+        self.signature_from_request(self.request, headers=headers, **options).apply_async()
+        raise Ignore()
+
     def settle(self, delivery: Delivery, outcome: Outcome) -> Any:
         """The outcome in Celery's terms: a result, a FAILURE carrying the reply, or a retry."""
         if outcome.status == "retry":
-            # Task.retry() re-publishes through the exchange and key the message came in on: an
-            # event's copy would reach every pool again, so it goes to this pool's queue alone.
-            options: dict[str, Any] = {}
-            if delivery.kind == "event":
-                options = {"queue": delivery.queue, "exchange_type": "direct"}
-            raise self.retry(exc=outcome.error, countdown=outcome.delay, **options)
+            # Task.retry() counts the retry and tells Flower (RETRY); its countdown would hold the
+            # message in this worker, so the broker holds it instead (postroom._celery.delays),
+            # sent to this queue alone: an event's copy through the exchange would reach every
+            # pool again. Celery logs ``when`` ("Retry in 0.4s").
+            try:
+                self.redelay(delivery, time() + outcome.delay, retry=outcome.error)
+            except Retry as retry:
+                retry.when = outcome.delay
+                raise
         if delivery.kind == "event":
             if outcome.error is not None:
                 raise outcome.error
@@ -144,6 +165,8 @@ def register_task(name: str, kind: Kind, module: str, doc: str | None, **attrs: 
         from postroom.install import installation  # noqa: PLC0415 - install imports this module
 
         delivery = task.delivery(args, payload)
+        if delays.is_early(task.request.headers):  # a delay longer than one RabbitMQ level
+            task.redelay(delivery, delays.due_of(task.request.headers) or 0.0)
         task.request.postroom_after_reply = delivery.after_reply
         return task.settle(delivery, installation(task.app).pipeline(delivery))
 

@@ -8,6 +8,9 @@ through ``_brpop_start`` and ``_brpop_read``, so its pausing under a full prefet
 check of the blocked connection and its re-authentication keep working. Every push of this channel
 (publishes and kombu's restores) rings the queue's doorbell.
 
+**Delays.** A message published with a due time (or a Celery ETA) still ahead is parked in the
+deployment's delayed set instead of its queue, and moved there when due (postroom._celery.delays).
+
 **One client per channel.** kombu builds a fresh ``redis.Redis`` for every synchronous operation
 (each publish, each queue-size check). The client is a thin wrapper over the channel's connection
 pool, but building one fills a response-callback table of ~170 entries: on a one-message-per-call
@@ -27,6 +30,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 from redis.exceptions import NoScriptError
 
+from postroom._celery.delays import due_of, park
 from postroom._celery.fetch import FETCH, fetch_command, ring, wait_command
 
 
@@ -146,9 +150,15 @@ class Channel(redis.Channel):  # type: ignore[misc]
             super()._poll_error(type, **options)
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        """kombu's push, with the doorbell rung in the same round trip."""
+        """kombu's push, with the doorbell rung in the same round trip; a message not due yet
+        is parked until it is instead (postroom._celery.delays)."""
         batch = kwargs.pop("_publish_batch", None)
         if batch is not None:
+            due = due_of(message.get("headers"))
+            if due is not None and due > time():
+                pri = self._get_message_priority(message, reverse=False)
+                park(batch.add, self._q_for_pri(queue, pri), queue, message, due)
+                return
             super()._put(queue, message, _publish_batch=batch, **kwargs)
             ring(batch.add, queue)
             return

@@ -17,6 +17,7 @@ from base64 import b64encode
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from time import time
 from typing import Any
 
 import amqp
@@ -26,6 +27,7 @@ from celery.utils.nodenames import anon_nodename
 from kombu import Producer, Queue
 from kombu.common import maybe_declare
 
+from postroom._celery.delays import due_of, park
 from postroom._celery.fetch import ring
 from postroom.headers import Envelope
 
@@ -175,32 +177,47 @@ def _redis_publish(channel: Any, messages: Sequence[tuple[Queue, TaskMessage]]) 
     with channel.conn_or_acquire() as client:
         for chunk in _chunks(messages):
             by_queue: dict[str, list[bytes]] = {}
+            parked: list[tuple[str, TaskMessage, float]] = []
             for queue, message in chunk:
-                by_queue.setdefault(queue.name, []).append(_redis_payload(queue.name, message))
+                due = due_of(message.headers)
+                if due is not None and due > time():
+                    parked.append((queue.name, message, due))
+                else:
+                    by_queue.setdefault(queue.name, []).append(_redis_payload(queue.name, message))
             with client.pipeline(transaction=False) as pipe:
+                add = _adder(pipe)
+                for name, message, due in parked:
+                    park(add, name, name, _redis_message(name, message), due)
                 for name, payloads in by_queue.items():
                     pipe.lpush(name, *payloads)  # LPUSH a b c, consumed from the tail: a, b, c
-                    ring(lambda command, *args: getattr(pipe, command)(*args), name)
+                    ring(add, name)
                 pipe.execute()
 
 
+def _adder(pipe: Any) -> Any:
+    """``pipe`` behind the ``add(command, *args)`` interface ring and park queue commands through."""
+    return lambda command, *args: getattr(pipe, command)(*args)
+
+
 def _redis_payload(queue: str, message: TaskMessage) -> bytes:
-    return orjson.dumps(
-        {
-            "body": b64encode(message.body).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": message.headers,
-            "properties": {
-                **message.properties,
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
-    )
+    return orjson.dumps(_redis_message(queue, message))
+
+
+def _redis_message(queue: str, message: TaskMessage) -> dict[str, Any]:
+    return {
+        "body": b64encode(message.body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": message.headers,
+        "properties": {
+            **message.properties,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
 
 
 def _amqp_publish(

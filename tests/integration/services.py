@@ -32,6 +32,10 @@ class Flaky(Command, service=SERVICE):
     failures: int
 
 
+class WhatTime(Command, service=SERVICE):
+    """Replies with the time its handler ran, to tell when a scheduled command was delivered."""
+
+
 class Refuse(Command, service=SERVICE):
     reason: str
 
@@ -105,6 +109,11 @@ def flaky(cmd: Flaky, ctx: HandlerContext) -> dict[str, int]:
     if runs <= cmd.failures:
         raise TransientError(f"run {runs} fails on purpose")
     return {"runs": runs}
+
+
+@handles(WhatTime)
+def what_time(cmd: WhatTime, ctx: HandlerContext) -> dict[str, float]:
+    return {"at": time.time()}
 
 
 @handles(Refuse)
@@ -215,6 +224,7 @@ def _record(pool: str, event: ProbeHappened, ctx: HandlerContext) -> None:
         "correlation_id": ctx.correlation_id,
         "causation_id": ctx.causation_id,
         "attempt": ctx.attempt,
+        "at": time.time(),
     }
     ctx.transaction().rpush(key(SERVICE, event.key, "done", pool), json.dumps(delivery))
 

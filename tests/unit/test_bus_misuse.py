@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from celery import Celery
 
-from postroom import MessageBus, WrongMessageKind
+from postroom import InvalidSchedule, MessageBus, WrongMessageKind
 from tasks.assets import AssetRegistered, GetAsset, RegisterAsset
 
 # An app whose broker does not exist: a refused call must fail before it tries to connect.
@@ -30,3 +31,21 @@ def test_asking_takes_queries_only() -> None:
     with pytest.raises(WrongMessageKind, match="takes a Query"):
         bus.ask(RegisterAsset(name="x"))  # type: ignore[arg-type]
     assert GetAsset.kind == "query"
+
+
+@pytest.mark.parametrize(
+    ("when", "problem"),
+    [
+        ({"delay": -1.0}, "delay must be a number of seconds >= 0"),
+        ({"delay": float("nan")}, "delay must be a number of seconds >= 0"),
+        ({"not_before": datetime(2030, 1, 1)}, "timezone-aware"),
+        ({"delay": 1.0, "not_before": datetime.now(UTC)}, "not both"),
+    ],
+)
+def test_a_bad_schedule_is_refused_before_anything_is_sent(
+    when: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(InvalidSchedule, match=problem):
+        bus.send(GetAsset(asset_id=uuid.uuid4()), **when)
+    with pytest.raises(InvalidSchedule, match=problem):
+        bus.publish(event, **when)
