@@ -129,18 +129,18 @@ class PartitionLeaser(threading.Thread):
         self.period = period
         self.member = member
         self.held: set[int] = set()
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def queue(self, partition: int) -> str:
         return partition_queue_name(self.service, partition)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             try:
                 self.tick()
             except Exception:
                 logger.exception("partition leases of %s: will try again", self.service)
-            self._stop.wait(self.period)
+            self._stopping.wait(self.period)
 
     def tick(self) -> None:
         share = math.ceil(self.partitions / self.board.beat(self.member))
@@ -171,7 +171,7 @@ class PartitionLeaser(threading.Thread):
         """Stop taking from the queue, let the message in hand finish, then free the lease."""
         self._consume(partition, False)
         queue = self.queue(partition)
-        while self.worker.in_hand(queue) and not self._stop.is_set():
+        while self.worker.in_hand(queue) and not self._stopping.is_set():
             time.sleep(0.05)
         self.held.discard(partition)
         self.board.release(partition, self.member)
@@ -182,7 +182,7 @@ class PartitionLeaser(threading.Thread):
 
     def stop(self) -> None:
         """On shutdown: leases are freed for the other workers (a crash lets them expire instead)."""
-        self._stop.set()
+        self._stopping.set()
         for partition in sorted(self.held):
             self.board.release(partition, self.member)
         self.held.clear()

@@ -161,10 +161,10 @@ class OutboxSweeper(threading.Thread):
     def __init__(self, relay: Relay, stores: list[Any], grace: float, interval: float) -> None:
         super().__init__(name="postroom-outbox-sweep", daemon=True)
         self.relay, self.stores, self.grace, self.interval = relay, stores, grace, interval
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stopping.wait(self.interval):
             for store in self.stores:
                 try:
                     self.relay.sweep(store, self.grace)
@@ -172,7 +172,7 @@ class OutboxSweeper(threading.Thread):
                     logger.exception("outbox sweep failed; will try again")
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
 
 class OutboxSweep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -239,19 +239,19 @@ class Heartbeat(threading.Thread):
     def __init__(self, app: Any, interval: float) -> None:
         super().__init__(name="postroom-heartbeat", daemon=True)
         self.app, self.interval = app, interval
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
         with self.app.connection_for_write() as connection:
             channel = connection.default_channel
-            while not self._stop.wait(self.interval):
+            while not self._stopping.wait(self.interval):
                 try:
                     refresh(channel, held_delivery_tags(), time.time())
                 except Exception as error:  # Redis away, say: the next beat tries again
                     logger.warning("heartbeat of the messages in hand failed: %r", error)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping.set()
 
 
 class MessageHeartbeat(bootsteps.StartStopStep):  # type: ignore[misc]

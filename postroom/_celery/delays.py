@@ -169,10 +169,10 @@ class Promoter(threading.Thread):
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         super().__init__(name="postroom-delay-promoter", daemon=True)
         self.client, self.prefix = client, prefix
-        self._stop = threading.Event()
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(PROMOTE_INTERVAL):
+        while not self._stopping.wait(PROMOTE_INTERVAL):
             try:
                 promote(self.client, self.prefix)
             except Exception:
@@ -180,7 +180,7 @@ class Promoter(threading.Thread):
 
     def stop(self) -> None:
         """Stop after the promotion in progress, if any (it is one script: all or nothing)."""
-        self._stop.set()
+        self._stopping.set()
         self.join(timeout=5)
         self.client.close()
 

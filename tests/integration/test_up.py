@@ -258,3 +258,22 @@ def test_a_worker_on_a_terminal_prints_one_pretty_line_per_message(tmp_path: Pat
         proc.wait(30)
         os.close(terminal)
         broker.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_a_worker_told_to_stop_shuts_down_warm_and_exits_cleanly(kind: str, tmp_path: Path) -> None:
+    """SIGTERM, as `postroom up`, systemd or Kubernetes send it: every postroom thread of the
+    worker (delay promoter, heartbeat, outbox sweep, partition leases) stops, and the worker
+    exits 0 with no traceback."""
+    broker = broker_context(kind, tmp_path)
+    try:
+        workers = [
+            broker.start_worker(Pool("probe", ("commands.probe",), concurrency=1)),
+            broker.start_worker(Pool("ordered", ("commands.ordered",), concurrency=1)),
+        ]
+        for worker in workers:
+            worker.stop(timeout=20)
+            assert worker.proc.returncode == 0, worker.output()[-3000:]
+            assert "Traceback" not in worker.output(), worker.output()[-3000:]
+    finally:
+        broker.close()
