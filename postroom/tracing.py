@@ -17,7 +17,7 @@ so structured logs and traces can be joined on ``correlation_id``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -72,6 +72,22 @@ def handling(headers: dict[str, Any] | None, task: str) -> Iterator[None]:
             yield
     finally:
         context.detach(token)
+
+
+def carried(deferred: Callable[[], None]) -> Callable[[], None]:
+    """``deferred``, bound to the trace context current now: work a handling leaves for after its
+    reply (the outbox's dispatch) runs once the handling's span has ended, and its spans must
+    still be children of that handling, in the conversation's one trace."""
+    captured = context.get_current()
+
+    def run() -> None:
+        token = context.attach(captured)
+        try:
+            deferred()
+        finally:
+            context.detach(token)
+
+    return run
 
 
 @contextmanager

@@ -398,7 +398,7 @@ class Commit(Step):
                 dispatch = partial(
                     delivery.runtime.relay.dispatch, store, delivery.owner, ctx.outbox
                 )
-                delivery.after_reply.append(dispatch)
+                delivery.after_reply.append(tracing.carried(dispatch))
             return outcome
         done = store.outcome(delivery.owner, delivery.inbox_id) or {}
         return recorded(delivery, done)
