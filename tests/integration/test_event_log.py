@@ -183,6 +183,8 @@ def test_published_events_are_logged_with_their_envelope_and_shown_by_id(
 
     pending = bus.send(EmitProbe(key=key))  # published by a handler, through ctx.publish
     event_id = pending.reply(timeout=30).value
+    # the outbox is dispatched (event log, then broker) right after the reply is stored
+    wait_for(lambda: event_log(broker.app).get(event_id) is not None, timeout=5)
     by_handler = event_log(broker.app).get(event_id)
     assert by_handler is not None
     assert by_handler.envelope.correlation_id == pending.correlation_id
