@@ -30,22 +30,6 @@ SETTINGS = {
 LATE = 1.0
 
 
-@pytest.fixture(scope="module")
-def started(broker: BrokerContext) -> dict[str, Pool]:
-    """One probe worker running one message at a time with a prefetch of one, and one worker
-    per subscriber pool."""
-    pools = {"probe": Pool("probe", ("commands.probe",), concurrency=1)}
-    pools |= {name: Pool(name, ("events." + name,), concurrency=1) for name in POOLS}
-    for pool in pools.values():
-        broker.start_worker(pool)
-    return pools
-
-
-@pytest.fixture
-def bus(broker: BrokerContext, started: dict[str, Pool]) -> MessageBus:
-    return MessageBus(broker.app, source="tests")
-
-
 def flaky_runs(broker: BrokerContext, keys: list[str]) -> list[int]:
     found = broker.state().mget([broker.key("probe", "flaky", k) for k in keys])
     return [int(n or 0) for n in found]
@@ -73,7 +57,7 @@ def test_fresh_messages_are_handled_promptly_while_200_retries_wait_in_backoff(
 
 
 def test_killing_every_worker_loses_no_message_waiting_in_backoff(
-    broker: BrokerContext, bus: MessageBus, started: dict[str, Pool]
+    broker: BrokerContext, bus: MessageBus, pools: dict[str, Pool]
 ) -> None:
     keys = [uuid.uuid4().hex for _ in range(20)]
     retried = [bus.send(Flaky(key=k, failures=1)) for k in keys]
@@ -81,13 +65,13 @@ def test_killing_every_worker_loses_no_message_waiting_in_backoff(
     time.sleep(0.5)  # the last one's retry sent and acknowledged
     for worker in broker.workers:
         worker.kill_9()
-    broker.start_worker(started["probe"])
+    broker.start_worker(Pool("probe", ("commands.probe",), concurrency=1))
     # within the visibility timeout: none of them was in a worker's hands to be given back
     replies = [p.reply(timeout=30) for p in retried]
     assert {r.status for r in replies} == {"succeeded"}
     assert max(flaky_runs(broker, keys)) == 2
-    for name in POOLS:
-        broker.start_worker(started[name])
+    for pool in pools.values():
+        broker.start_worker(pool)
 
 
 def test_a_retried_event_waits_in_backoff_and_reaches_only_the_failing_pool_again(
