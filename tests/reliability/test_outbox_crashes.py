@@ -5,7 +5,6 @@ each AssetRegistered exactly once. Nothing is left in an outbox at the end."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -13,17 +12,22 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
-import redis
 from sqlalchemy import create_engine, text
 
 from config.pools import pool_named
-from postroom import MessageBus, PendingReply
+from postroom import MessageBus
 from postroom.reliability import reliability
-from postroom.topology import command_queue_name
-from tasks.assets import RegisterAsset
+from tests.reliability.assets_checks import (
+    SUBSCRIBERS,
+    announced_once,
+    asset_id,
+    register,
+    registered,
+    rows,
+)
 from tests.support import DATABASE, BrokerContext, WorkerProcess, children, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(360)]
@@ -42,10 +46,7 @@ SETTINGS = {
     "database_url": f"{DATABASE}?application_name={APPLICATION}",
 }
 ASSETS = pool_named("assets")
-SUBSCRIBERS = ("search", "analytics", "notifications")
 N = 1000
-#: asset IDs derive from the command's message ID (tasks/assets.py)
-ASSET_IDS = uuid.UUID("6d0f8a52-2f4e-4d8e-9b1c-3a7f0e6b5c21")
 
 #: the test's own view of PostgreSQL: not named APPLICATION, so never one the test terminates
 observer = create_engine(
@@ -68,34 +69,6 @@ def bus(broker: BrokerContext, assets_workers: list[WorkerProcess]) -> MessageBu
     return MessageBus(broker.app, source="tests")
 
 
-def asset_id(pending: PendingReply) -> uuid.UUID:
-    return uuid.uuid5(ASSET_IDS, pending.message_id)
-
-
-def rows(broker: BrokerContext, ids: Sequence[uuid.UUID]) -> dict[str, int]:
-    """How many rows of the assets table each of ``ids`` has (absent: none)."""
-    query = text(
-        f'SELECT asset_id::text, count(*) FROM "{broker.settings.database_schema}".assets '
-        "WHERE asset_id = ANY(:ids) GROUP BY asset_id"
-    )
-    with observer.connect() as conn:
-        return {row[0]: row[1] for row in conn.execute(query, {"ids": list(ids)})}
-
-
-def sql_outbox(broker: BrokerContext) -> int:
-    query = f'SELECT count(*) FROM "{broker.settings.database_schema}".postroom_outbox'
-    with observer.connect() as conn:
-        return int(conn.scalar(text(query)) or 0)
-
-
-def registered(broker: BrokerContext) -> int:
-    return int(broker.state().hget(broker.key("analytics", "counts"), "assets_registered") or 0)
-
-
-def register(bus: MessageBus, run: str, n: int) -> list[PendingReply]:
-    return bus.send_many([RegisterAsset(name=f"crate {run} n{i}") for i in range(n)])
-
-
 def test_1000_registrations_with_worker_children_and_a_worker_killed_commit_and_announce_once(
     broker: BrokerContext, bus: MessageBus, assets_workers: list[WorkerProcess]
 ) -> None:
@@ -107,7 +80,7 @@ def test_1000_registrations_with_worker_children_and_a_worker_killed_commit_and_
     shuffle = random.Random(run)
 
     def stored() -> int:
-        return len(rows(broker, ids))
+        return len(rows(observer, broker, ids))
 
     for threshold in sorted(shuffle.sample(range(50, 500), 4)):  # a child process mid-command
         wait_for(lambda t=threshold: stored() >= t, timeout=120, interval=0.02)
@@ -129,28 +102,22 @@ def test_1000_registrations_with_worker_children_and_a_worker_killed_commit_and_
     time.sleep(1)
     assets_workers.append(broker.start_worker(ASSETS))
 
-    if broker.kind == "redis":
-        wait_for(lambda: stored() == N or _nothing_left(broker), timeout=180)
-    else:
+    try:  # on both brokers a hard kill loses nothing (on Redis: postroom's atomic fetch)
         wait_for(lambda: stored() == N, timeout=180)
-    found = rows(broker, ids)
-    lost = [p for p, i in zip(pending, ids, strict=True) if str(i) not in found]
-    if broker.kind == "redis":
-        # kombu's Redis consumer pops a message before it records it as unacknowledged: a worker
-        # main process killed in between loses that one message, which never began a run (README,
-        # Delivery guarantees). Everything else must be accounted for.
-        assert len(lost) <= 1, f"{len(lost)} commands lost: {lost[:5]}"
-        assert all(_runs(broker, p) == 0 for p in lost)
-    else:
-        assert lost == []
-    kept = [p for p in pending if p not in lost]
-    assert sorted(found.values()) == [1] * len(kept)  # one row per command
+    except AssertionError:
+        found = rows(observer, broker, ids)
+        lost = [p.message_id for p, i in zip(pending, ids, strict=True) if str(i) not in found]
+        raise AssertionError(f"{len(lost)} commands have no row: {lost[:5]}") from None
+    found = rows(observer, broker, ids)
+    assert sorted(found.values()) == [1] * N  # one row per command
 
-    replies = [p.reply(timeout=60) for p in kept]
-    assert [r.status for r in replies] == ["succeeded"] * len(kept)  # one reply each
-    assert [r.value["asset_id"] for r in replies] == [str(asset_id(p)) for p in kept]
+    replies = [p.reply(timeout=60) for p in pending]
+    assert [r.status for r in replies] == ["succeeded"] * N  # one reply each
+    assert [r.value["asset_id"] for r in replies] == [str(asset_id(p)) for p in pending]
 
-    _announced_once(broker, before, {str(asset_id(p)): names[p.message_id] for p in kept})
+    announced_once(
+        observer, broker, before, {str(asset_id(p)): names[p.message_id] for p in pending}
+    )
     assert len(reliability(broker.app).dead_letters) == 0
 
 
@@ -180,9 +147,9 @@ def test_dropped_database_connections_during_commits_are_retried_with_one_effect
     killer = threading.Thread(target=terminate, name="terminate-connections", daemon=True)
     killer.start()
     try:
-        wait_for(lambda: len(rows(broker, ids)) == count, timeout=120, interval=0.05)
+        wait_for(lambda: len(rows(observer, broker, ids)) == count, timeout=120, interval=0.05)
     except AssertionError:
-        missing = count - len(rows(broker, ids))
+        missing = count - len(rows(observer, broker, ids))
         letters = reliability(broker.app).dead_letters
         raise AssertionError(
             f"{missing} of {count} commands have no row; dead letters: {len(letters)}"
@@ -192,72 +159,15 @@ def test_dropped_database_connections_during_commits_are_retried_with_one_effect
         killer.join()
     assert terminated > 0  # connections were ended under the workers' feet
 
-    found = rows(broker, ids)
+    found = rows(observer, broker, ids)
     assert sorted(found.values()) == [1] * count  # one row per command
     replies = [p.reply(timeout=60) for p in pending]
     assert [r.status for r in replies] == ["succeeded"] * count
     assert [r.value["asset_id"] for r in replies] == [str(i) for i in ids]
-    _announced_once(broker, before, {str(asset_id(p)): names[p.message_id] for p in pending})
-    assert len(reliability(broker.app).dead_letters) == 0
-
-
-def _announced_once(broker: BrokerContext, before: int, names: dict[str, str]) -> None:
-    """Each asset's AssetRegistered (``names``: asset ID to name) reached every subscriber pool
-    once, and no outbox holds anything any more."""
-    inbox = broker.app.conf.postroom.reliability.inbox
-
-    def drained() -> bool:
-        return (
-            registered(broker) - before >= len(names)
-            and sql_outbox(broker) == 0
-            and inbox.pending() == 0
-        )
-
-    try:
-        wait_for(drained, timeout=60)
-    except AssertionError:
-        raise AssertionError(
-            f"analytics counted {registered(broker) - before} of {len(names)}; outboxes: "
-            f"SQL {sql_outbox(broker)}, Redis {inbox.pending()}"
-        ) from None
-    time.sleep(3)  # a late second copy (a sweep of an entry already sent) would arrive by now
-    assert registered(broker) - before == len(names)  # one delivery per pool per event
-    assert sql_outbox(broker) == 0
-    assert inbox.pending() == 0
-
-    state = broker.state()
-    ids = list(names)
-    notes = [state.lrange(broker.key("notifications", "asset", i), 0, -1) for i in ids]
-    assert [len(n) for n in notes] == [1] * len(ids)  # one notification per asset
-    texts = [json.loads(n[0])["text"] for n in notes]
-    assert texts == [f"Asset {names[i]!r} was registered" for i in ids]
-    indexed = state.hmget(broker.key("search", "names"), ids)
-    assert indexed == [names[i] for i in ids]  # each asset indexed under its name
-
-
-def _runs(broker: BrokerContext, pending: PendingReply) -> int:
-    query = text(
-        f'SELECT coalesce(sum(runs), 0) FROM "{broker.settings.database_schema}".postroom_inbox '
-        "WHERE owner = 'assets' AND message_id = :id AND outcome IS NULL"
+    announced_once(
+        observer, broker, before, {str(asset_id(p)): names[p.message_id] for p in pending}
     )
-    with observer.connect() as conn:
-        return int(conn.scalar(query, {"id": pending.message_id}) or 0)
-
-
-def _nothing_left(broker: BrokerContext) -> bool:
-    """No assets command queued or held unacknowledged on Redis, twice a second apart (one may
-    be moving between the two)."""
-
-    def empty() -> bool:
-        if broker.queue_size(command_queue_name("assets")):
-            return False
-        with redis.Redis.from_url(broker.app.conf.broker_url) as client:
-            return not client.hlen(f"{broker.namespace}:unacked")
-
-    if not empty():
-        return False
-    time.sleep(1)
-    return empty()
+    assert len(reliability(broker.app).dead_letters) == 0
 
 
 @pytest.fixture(scope="module", autouse=True)
