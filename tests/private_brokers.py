@@ -1,6 +1,6 @@
-"""Private broker servers, started and stopped by a test: for tests that restart their broker.
+"""Private servers, started and stopped by a test: for tests that restart their broker or database.
 
-The machine's shared Redis and RabbitMQ are never touched: each server here is a process of the
+The machine's shared Redis, RabbitMQ and PostgreSQL are never touched: each server here is a process of the
 test's own, listening on free loopback ports, keeping its data in a temporary directory that is
 removed with it. A RabbitMQ node also gets its own epmd, Erlang cookie (its ``HOME`` is the
 temporary directory) and environment file, so nothing is read from /etc/rabbitmq or /var/lib.
@@ -12,6 +12,7 @@ time) and its directory removed, whether the test passed or not.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
 import shutil
@@ -299,3 +300,86 @@ class PrivateRabbitMQ(_Server):
         assert done.returncode == 0, done.stdout + done.stderr
         rows = [line.split("\t") for line in done.stdout.splitlines() if line.strip()]
         return {row[0]: dict(zip(columns[1:], row[1:], strict=True)) for row in rows}
+
+
+class PrivatePostgres(_Server):
+    """A PostgreSQL server of its own: own data directory (initdb, trust auth), port and socket
+    directory. Run as the ``postgres`` user when the test runs as root, as PostgreSQL refuses to
+    run as root."""
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__("postroom-postgres-")
+        self.port = port or free_port()
+        self.data = self.root / "data"
+        self.log = self.root / "postgres.log"
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        if not found:
+            raise AssertionError("no PostgreSQL server binaries in /usr/lib/postgresql/*/bin")
+        self.bin = Path(found[-1])
+        self.user = "postgres" if os.geteuid() == 0 else None
+        if self.user is not None:
+            shutil.chown(self.root, self.user)
+        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                   "--no-sync", "-E", "UTF8"])  # fmt: skip
+
+    def _run(self, argv: list[str]) -> None:
+        done = subprocess.run(
+            argv, cwd=self.root, user=self.user, capture_output=True, text=True, timeout=120,
+            check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise AssertionError(f"{argv[0]} failed:\n{done.stdout}{done.stderr}")
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy's URL of the server's ``postgres`` database."""
+        return f"postgresql+psycopg://postgres@{LOOPBACK}:{self.port}/postgres"
+
+    def _answers(self) -> bool:
+        done = subprocess.run(
+            [str(self.bin / "pg_isready"), "-h", LOOPBACK, "-p", str(self.port), "-t", "1"],
+            capture_output=True, timeout=10, check=False,
+        )  # fmt: skip
+        return done.returncode == 0
+
+    def start(self, timeout: float = 60.0) -> None:
+        argv = [
+            str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
+            "-c", f"listen_addresses={LOOPBACK}", "-c", f"unix_socket_directories={self.root}",
+            "-c", "max_connections=100",
+        ]  # fmt: skip
+        with self.log.open("ab") as out:
+            if self.user is not None:
+                shutil.chown(self.log, self.user)
+            self.proc = subprocess.Popen(
+                argv, cwd=self.root, user=self.user, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while not self._answers():
+            if not self.running or time.monotonic() > deadline:
+                _end(self.proc, 0)
+                raise AssertionError(
+                    f"private PostgreSQL on port {self.port} did not start in {timeout}s:\n"
+                    f"{_tail(self.log)}"
+                )
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT), as ``pg_ctl stop`` and a service manager's restart do: open
+        sessions are ended, their transactions rolled back, the server checkpoints and exits."""
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        self._stopped(timeout)
+
+    def crash(self) -> None:
+        """Immediate shutdown (SIGQUIT), the nearest to a power cut: no checkpoint, so the next
+        start replays the write-ahead log."""
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGQUIT)
+        self._stopped(30)

@@ -344,7 +344,10 @@ class SqlStore:
 
     def _bookkeep(self, statement: _Compiled, params: dict[str, Any]) -> list[Any]:
         """A statement of postroom's bookkeeping, committed on its own (autocommit)."""
-        connection = self._bookkeeping.raw_connection()
+        try:  # a raw checkout: a refused connect is the driver's error, not SQLAlchemy's
+            connection = self._bookkeeping.raw_connection()
+        except psycopg.OperationalError as exc:
+            raise TransientError(f"the database cannot be reached: {exc}") from exc
         try:
             connection.dbapi_connection.autocommit = True  # type: ignore[union-attr]
             return statement.run(connection.dbapi_connection, params)

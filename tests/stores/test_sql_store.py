@@ -3,6 +3,7 @@ commit time, on a real PostgreSQL (a schema of each test's own, dropped at the e
 
 from __future__ import annotations
 
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -132,6 +133,25 @@ def test_a_connection_that_died_in_the_pool_fails_one_call_as_transient_then_is_
     with pytest.raises(RetryPolicy().retry_on):
         store.begin("assets", message)
     assert store.begin("assets", message) == (None, 2)  # the failed run never counted
+
+
+def test_a_database_that_refuses_connections_is_a_transient_failure_at_every_step() -> None:
+    """As while PostgreSQL restarts: every call the pipeline makes fails as a retryable error,
+    so the message is retried rather than failed (or, worse, acknowledged unhandled)."""
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = SqlStore.from_url(f"postgresql+psycopg://postgres@127.0.0.1:{port}/test", "nowhere")
+    message = str(uuid.uuid4())
+    transient = RetryPolicy().retry_on
+    with pytest.raises(transient):
+        down.begin("assets", message)
+    with pytest.raises(transient):
+        down.settle(None, "assets", [message], {"status": "handled"})
+    with pytest.raises(transient):
+        down.ended("assets", message)
+    with pytest.raises(transient):
+        down.delivered("assets", [message])
 
 
 def test_the_handler_reads_its_own_writes_through_the_session(store: SqlStore) -> None:
