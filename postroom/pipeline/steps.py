@@ -124,13 +124,18 @@ class Log(Step):
 
 class DeadLetter(Step):
     """Keeps what an inner step gave up on, with the reason, so it can be redriven; a command
-    that failed for good is announced (``CommandFailed``) and its reply says why."""
+    that failed for good is announced (``CommandFailed``) and its reply says why. An error no
+    step expected (a defect in a step or a store) is kept the same way, as a failure: Celery
+    would acknowledge the message unhandled and keep nothing of it."""
 
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
         try:
             return call_next(delivery)
         except GiveUp as stop:
             return self.give_up(delivery, stop)
+        except Exception as exc:
+            logger.error("%s: unexpected error in the pipeline", delivery.name, exc_info=True)
+            return self.give_up(delivery, GiveUp("failed", exc))
 
     def give_up(self, delivery: Delivery, stop: GiveUp) -> Outcome:
         runtime, error = delivery.runtime, stop.error

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from postroom import (
@@ -20,6 +22,7 @@ from postroom import (
 )
 from postroom.messages import CommandFailed
 from postroom.pipeline import Next
+from postroom.stores.memory import MemoryInbox
 from postroom.testing import Harness
 
 SERVICE = "harnessed"
@@ -184,6 +187,24 @@ def test_a_command_that_keeps_failing_runs_max_retries_plus_one_times_then_is_de
     assert (letter.reason, letter.error_type, letter.attempts) == ("failed", "TransientError", 3)
     [failed] = harness.events(CommandFailed)
     assert (failed.command_type, failed.attempts) == ("harnessed.Wobble", 3)
+
+
+class BrokenStore(MemoryInbox):
+    """A store with a defect: it cannot even count a run."""
+
+    def begin(self, owner: str, message_id: str, *, dedupe: bool = True) -> Any:
+        raise RuntimeError("the store has a bug")
+
+
+def test_an_error_no_step_expected_is_dead_lettered_as_a_failure_not_dropped() -> None:
+    harness = Harness(stores={SERVICE: BrokenStore()})
+    reply = harness.send(Plant(name="rose")).reply()
+    assert (reply.status, reply.error and reply.error.type) == ("failed", "RuntimeError")
+    assert calls == []
+    [letter] = [d for d in harness.dead_letters if d.task == "harnessed.Plant"]
+    assert (letter.reason, letter.error_message) == ("failed", "the store has a bug")
+    [failed] = harness.events(CommandFailed)
+    assert failed.command_type == "harnessed.Plant"
 
 
 def test_a_partitioned_command_is_retried_in_place_before_the_ones_behind_it() -> None:
