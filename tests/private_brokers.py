@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -65,6 +66,8 @@ def _end(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
 
 
 class _Server:
+    port: int
+
     def __init__(self, prefix: str) -> None:
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -75,13 +78,29 @@ class _Server:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def _spawn(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self, argv: list[str], log: Path, env: dict[str, str] | None = None, user: str | None = None
+    ) -> None:
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                argv, cwd=self.root, env=env, stdin=subprocess.DEVNULL,
+                argv, cwd=self.root, env=env, user=user, stdin=subprocess.DEVNULL,
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         self.starts += 1
+
+    def _await(self, answers: Callable[[], bool], timeout: float, *logs: Path) -> None:
+        """Until the server ``answers()``; if it exits or does not answer in time, it is killed
+        and the error ends with its logs."""
+        deadline = time.monotonic() + timeout
+        while not answers():
+            if not self.running or time.monotonic() > deadline:
+                _end(self.proc, 0)
+                tails = "\n".join(_tail(log) for log in logs)
+                raise AssertionError(
+                    f"private {type(self).__name__} on port {self.port} did not start in "
+                    f"{timeout}s:\n{tails}"
+                )
+            time.sleep(0.05)
 
     def start(self) -> None:
         raise NotImplementedError
@@ -156,22 +175,15 @@ class PrivateRedis(_Server):
             ],
             self.root / "stdout.log",
         )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with self.client() as db:
-                    # LOADING until the append-only file is read back: that raises BusyLoadingError
-                    if db.ping():
-                        return
-            except redis.exceptions.RedisError:
-                pass
-            if not self.running or time.monotonic() > deadline:
-                _end(self.proc, 0)
-                raise AssertionError(
-                    f"private redis-server on port {self.port} did not start in {timeout}s:\n"
-                    f"{_tail(self.log)}\n{_tail(self.root / 'stdout.log')}"
-                )
-            time.sleep(0.05)
+        self._await(self._answers, timeout, self.log, self.root / "stdout.log")
+
+    def _answers(self) -> bool:
+        try:
+            with self.client() as db:
+                # LOADING until the append-only file is read back: that raises BusyLoadingError
+                return bool(db.ping())
+        except redis.exceptions.RedisError:
+            return False
 
     def stop(self, timeout: float = 30.0) -> None:
         """SHUTDOWN: Redis fsyncs its append-only file and exits."""
@@ -348,23 +360,8 @@ class PrivatePostgres(_Server):
             "-c", f"listen_addresses={LOOPBACK}", "-c", f"unix_socket_directories={self.root}",
             "-c", "max_connections=100",
         ]  # fmt: skip
-        with self.log.open("ab") as out:
-            if self.user is not None:
-                shutil.chown(self.log, self.user)
-            self.proc = subprocess.Popen(
-                argv, cwd=self.root, user=self.user, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        while not self._answers():
-            if not self.running or time.monotonic() > deadline:
-                _end(self.proc, 0)
-                raise AssertionError(
-                    f"private PostgreSQL on port {self.port} did not start in {timeout}s:\n"
-                    f"{_tail(self.log)}"
-                )
-            time.sleep(0.1)
+        self._spawn(argv, self.log, user=self.user)
+        self._await(self._answers, timeout, self.log)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT), as ``pg_ctl stop`` and a service manager's restart do: open
