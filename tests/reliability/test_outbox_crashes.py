@@ -40,9 +40,10 @@ SETTINGS = {
     # the sweep sends what a dead worker committed after one second, checking every half second
     "outbox_grace": "1",
     "outbox_sweep": "0.5",
-    # dropped connections are transient failures: a command may be hit more than once in a row
-    # (and more than Celery's own default limit of 3 retries: postroom keeps the budget)
-    "max_retries": "10",
+    # dropped connections are transient failures: a command may be hit many times in a row (every
+    # 0.05-0.3 s; on a loaded machine about half its attempts can be, so eleven in a row happen)
+    # and more often than Celery's own default limit of 3 retries (postroom keeps the budget)
+    "max_retries": "30",
     "database_url": f"{DATABASE}?application_name={APPLICATION}",
 }
 ASSETS = pool_named("assets")
