@@ -132,10 +132,26 @@ class DeadLetter(Step):
         try:
             return call_next(delivery)
         except GiveUp as stop:
-            return self.give_up(delivery, stop)
+            return self.keep(delivery, stop)
         except Exception as exc:
             logger.error("%s: unexpected error in the pipeline", delivery.name, exc_info=True)
-            return self.give_up(delivery, GiveUp("failed", exc))
+            return self.keep(delivery, GiveUp("failed", exc))
+
+    def keep(self, delivery: Delivery, stop: GiveUp) -> Outcome:
+        """A dead-letter store or broker that cannot be reached for the moment must not lose the
+        message: it goes back to its queue after the longest backoff, and is kept once they
+        answer again. Its attempt budget is spent, so a returning message that fails again is
+        kept at once (a handler that fails for good runs once more per return)."""
+        retry = delivery.runtime.retry
+        try:
+            return self.give_up(delivery, stop)
+        except retry.retry_on as exc:
+            logger.warning(
+                "%s: could not keep it as a dead letter (%r); it goes back to its queue",
+                delivery.task_id,
+                exc,
+            )
+            return Outcome("retry", error=exc, delay=retry.backoff_max)
 
     def give_up(self, delivery: Delivery, stop: GiveUp) -> Outcome:
         runtime, error = delivery.runtime, stop.error

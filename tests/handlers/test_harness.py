@@ -207,6 +207,26 @@ def test_an_error_no_step_expected_is_dead_lettered_as_a_failure_not_dropped() -
     assert failed.command_type == "harnessed.Plant"
 
 
+def test_a_message_whose_dead_letter_cannot_be_kept_yet_goes_back_until_it_can() -> None:
+    harness = Harness(retry=RetryPolicy(max_retries=1, backoff=0.1, backoff_max=30))
+    keep, refusals = harness.runtime.dead_letters.add, [ConnectionError("Redis is away")] * 2
+
+    def add_once_back(letter: Any) -> str:  # the dead letters' store answers at the third try
+        if refusals:
+            raise refusals.pop()
+        return keep(letter)
+
+    harness.runtime.dead_letters.add = add_once_back  # type: ignore[method-assign]
+    reply = harness.send(Wobble(name="c", failures=99)).reply()
+    assert reply.status == "failed"
+    # its budget spent, each return runs it once more: the failure that follows keeps it at once
+    assert calls == ["wobble 1", "wobble 2", "wobble 3", "wobble 4"]
+    assert [d.task for d in harness.dead_letters if d.task == "harnessed.Wobble"] == [
+        "harnessed.Wobble"
+    ]
+    assert harness.clock.now >= 2 * 30  # it waited the longest backoff each time
+
+
 def test_a_partitioned_command_is_retried_in_place_before_the_ones_behind_it() -> None:
     harness = Harness(retry=RetryPolicy(max_retries=2, backoff=0.1))
     first = harness.send(Water(bed="north", seq=0, failures=99))
