@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -200,20 +201,43 @@ class PrivateRedis(_Server):
             return sum(int(db.llen(k)) for k in db.scan_iter(match=f"{key}*", count=1000))
 
 
+def start_epmd(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """An Erlang port mapper of a test's own, on loopback, answering when this returns."""
+    with log.open("ab") as out:
+        epmd = subprocess.Popen(
+            ["epmd", "-port", str(port), "-address", LOOPBACK],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            if sock.connect_ex((LOOPBACK, port)) == 0:
+                return epmd
+        if epmd.poll() is not None or time.monotonic() > deadline:
+            _end(epmd, 0)
+            raise AssertionError(f"private epmd did not start:\n{_tail(log)}")
+        time.sleep(0.05)
+
+
 class PrivateRabbitMQ(_Server):
     """A RabbitMQ node of its own: own node name, ports, epmd, cookie, config, plugins and data."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, epmd_port: int | None = None, cookie: str | None = None) -> None:
+        """A node on its own, or (given ``epmd_port`` and ``cookie``) one of a cluster whose
+        epmd is started and stopped by the cluster."""
         super().__init__("postroom-rabbitmq-")
         self.node = f"postroom-test-{secrets.token_hex(4)}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
-        self.epmd_port = free_port()
+        self._owns_epmd = epmd_port is None
+        self.epmd_port = epmd_port or free_port()
         self.epmd: subprocess.Popen[bytes] | None = None
         self.log = self.root / "server.log"
-        cookie = self.root / ".erlang.cookie"
-        cookie.write_text(secrets.token_hex(16).upper())
-        cookie.chmod(0o400)
+        cookie_file = self.root / ".erlang.cookie"
+        cookie_file.write_text(cookie or secrets.token_hex(16).upper())
+        cookie_file.chmod(0o400)
         (self.root / "rabbitmq.conf").write_text(
             "loopback_users.guest = true\ndisk_free_limit.absolute = 50MB\n"
         )
@@ -254,30 +278,17 @@ class PrivateRabbitMQ(_Server):
             check=False,
         )  # fmt: skip
 
-    def _start_epmd(self) -> None:
-        if self.epmd is not None and self.epmd.poll() is None:
-            return
-        with (self.root / "epmd.log").open("ab") as out:
-            self.epmd = subprocess.Popen(
-                ["epmd", "-port", str(self.epmd_port), "-address", LOOPBACK],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as sock:
-                sock.settimeout(1)
-                if sock.connect_ex((LOOPBACK, self.epmd_port)) == 0:
-                    return
-            if self.epmd.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"private epmd did not start:\n{_tail(self.root / 'epmd.log')}"
-                )
-            time.sleep(0.05)
-
     def start(self, timeout: float = 120.0) -> None:
-        self._start_epmd()
+        self.launch()
+        self.await_startup(timeout)
+
+    def launch(self) -> None:
+        """Start the node's process without waiting for it (a cluster starts its nodes together)."""
+        if self._owns_epmd and (self.epmd is None or self.epmd.poll() is not None):
+            self.epmd = start_epmd(self.epmd_port, self.root / "epmd.log")
         self._spawn([str(RABBITMQ_BIN / "rabbitmq-server")], self.log, self.env)
+
+    def await_startup(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             # await_startup fails at once while the node has not yet registered with epmd
@@ -299,6 +310,15 @@ class PrivateRabbitMQ(_Server):
             return
         self.ctl("stop", timeout=timeout)
         self._stopped(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the node's processes (the Erlang VM and its helpers: the group it leads), as a
+        lost machine ends them: nothing is written or said to the other nodes."""
+        if self.running:
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self._stopped(30)
 
     def _end_helpers(self) -> None:
         if self.epmd is not None and self.epmd.poll() is None:
@@ -380,3 +400,60 @@ class PrivatePostgres(_Server):
         assert self.proc is not None
         self.proc.send_signal(signal.SIGQUIT)
         self._stopped(30)
+
+
+class PrivateRabbitMQCluster:
+    """``size`` private RabbitMQ nodes joined in one cluster: one epmd and one Erlang cookie for
+    all, each node with its own name, ports and data. As a context manager, every node and the
+    epmd are stopped (killed if need be, by the PIDs started here) on the way out."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="postroom-rabbitmq-cluster-"))
+        self.epmd_port = free_port()
+        cookie = secrets.token_hex(16).upper()
+        self.nodes = [PrivateRabbitMQ(epmd_port=self.epmd_port, cookie=cookie) for _ in range(size)]
+        self.epmd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, ``;``-separated (Celery's and kombu's failover convention)."""
+        return ";".join(node.url for node in self.nodes)
+
+    def start(self, timeout: float = 180.0) -> None:
+        self.epmd = start_epmd(self.epmd_port, self.root / "epmd.log")
+        for node in self.nodes:
+            node.launch()
+        for node in self.nodes:
+            node.await_startup(timeout)
+        first = self.nodes[0]
+        for node in self.nodes[1:]:
+            for step in (("stop_app",), ("join_cluster", first.node), ("start_app",)):
+                done = node.ctl(*step)
+                assert done.returncode == 0, f"{node.node} {step}: {done.stdout}{done.stderr}"
+        status = first.ctl("cluster_status", "--formatter", "json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        running = set(json.loads(status.stdout)["running_nodes"])
+        assert running == {node.node for node in self.nodes}, running
+
+    def close(self) -> None:
+        try:
+            for node in reversed(self.nodes):
+                node.close()
+        finally:
+            if self.epmd is not None and self.epmd.poll() is None:
+                self.epmd.terminate()
+                _end(self.epmd, 10)
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

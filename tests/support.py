@@ -159,6 +159,8 @@ def broker_context(kind: str, workdir: Path, **overrides: str) -> BrokerContext:
     vhost = None
     if kind == "redis":
         broker = f"{REDIS}/{BROKER_DB}"
+    elif "broker_url" in overrides:  # a private RabbitMQ (a cluster, say): its own default vhost
+        broker = overrides["broker_url"]
     else:
         vhost = f"postroom-test-{namespace}"
         _rabbitmqctl("add_vhost", vhost)
