@@ -8,6 +8,7 @@ from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 
+from postroom._celery.queue_types import queue_types_checked
 from postroom.reliability import DeadLetter, reliability
 
 logger = get_logger(__name__)
@@ -19,7 +20,25 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
     Celery logs and drops a message it cannot decode (bad JSON, a refused content type such as
     pickle), one of no known format, or one naming an unknown task. postroom keeps each, with the
     reason, before Celery acknowledges it, so the worker keeps running and nothing is lost.
+    A queue RabbitMQ holds with another type than the deployment's stops the worker with a
+    QueueTypeMismatch saying how to migrate it (at start, or when a partition queue is leased).
     """
+
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        """Celery's consumer steps without its native delayed delivery, which Celery switches on
+        when it sees a quorum queue: it serves topic and fanout exchanges only, so for
+        postroom's direct exchanges it would declare 28 idle quorum queues and warn about each
+        queue; postroom's own delay queues (postroom._celery.delays) hold what waits."""
+
+        default_steps = [
+            step
+            for step in Consumer.Blueprint.default_steps
+            if not step.endswith(":DelayedDelivery")
+        ]
+
+    def start(self) -> None:
+        with queue_types_checked():
+            super().start()
 
     def _dead_letter_raw(self, message: Any, reason: str, exc: BaseException | None) -> None:
         try:
