@@ -33,7 +33,8 @@ Quorum delay queues (the default, POSTROOM_QUEUE_TYPE) close that gap: they expi
 too, and dead-letter at least once (``x-dead-letter-strategy: at-least-once``, which RabbitMQ
 allows only with ``x-overflow: reject-publish``): an expired message stays in its delay queue
 until its destination has confirmed it, so a crash then can double it (the inbox drops the
-copy) but not lose it.
+copy) but not lose it. A message carrying a plain Celery ETA is moved to its queue's delay queue
+by the worker that receives it (``hold_in_broker``), instead of being held there until due.
 """
 
 from __future__ import annotations
@@ -257,6 +258,33 @@ def route(is_redis: bool, destination: str, due: float, queue_type: QueueType) -
         return {"queue": Queue(destination), "exchange_type": "direct"}
     level = level_for(due - time())
     return {"queue": delay_queue(destination, level, queue_type), "exchange_type": "direct"}
+
+
+def hold_in_broker(producer: Any, message: Any, destination: str, queue_type: QueueType) -> None:
+    """Send a received ``message`` whose Celery ETA is still ahead (plain Celery's countdown) to
+    the delay queue of ``destination``, the queue it came from, its ETA cleared and its due time
+    kept; returns once the broker confirmed it, so the caller may then acknowledge the original.
+
+    Celery would hold it in the worker until due; on quorum queues its prefetch is per consumer
+    and cannot grow for it, so a one-process consumer would take nothing else meanwhile.
+    """
+    due = due_of(message.headers)
+    assert due is not None
+    queue = delay_queue(destination, level_for(due - time()), queue_type)
+    properties = message.properties or {}
+    producer.publish(
+        message.body,
+        exchange="",
+        routing_key=queue.name,
+        declare=[queue],
+        headers=with_due({**(message.headers or {}), "eta": None}, due),
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        correlation_id=properties.get("correlation_id"),
+        reply_to=properties.get("reply_to"),
+        priority=properties.get("priority"),
+        delivery_mode=2,
+    )
 
 
 def with_due(headers: Mapping[str, Any] | None, due: float) -> dict[str, Any]:
