@@ -21,6 +21,7 @@ from kombu import Queue
 
 from postroom import tracing
 from postroom._celery import delays
+from postroom._celery.queue_types import queue_types_checked
 from postroom._celery.wire import (
     bound_queues,
     event_message,
@@ -44,10 +45,11 @@ def route(app: celery.Celery, command: Command | Query) -> Queue:
     """The queue a command goes to: its service's, or the partition queue its key hashes to."""
     contract = type(command)
     key = contract.__partition_key__
+    queue_type = installation(app).queue_type
     if key is None:
-        return command_queue(contract.__service__)
+        return command_queue(contract.__service__, queue_type)
     partition = partition_of(getattr(command, key), partition_count(app))
-    return partition_queue(contract.__service__, partition)
+    return partition_queue(contract.__service__, partition, queue_type)
 
 
 class PendingReply:
@@ -127,17 +129,18 @@ class MessageBus:
         options: dict[str, Any] = {"queue": queue}
         if due is not None:
             headers = delays.with_due(headers, due)
-            options = delays.route(_is_redis(app), queue.name, due)
-        app.send_task(
-            pending.envelope.message_type,
-            kwargs=payload,
-            task_id=pending.correlation_id,
-            headers=headers,
-            root_id=pending.correlation_id,
-            parent_id=causation_id,
-            argsrepr=pending.envelope.summary(),
-            **options,
-        )
+            options = delays.route(_is_redis(app), queue.name, due, installation(app).queue_type)
+        with queue_types_checked():  # Celery declares the queue before sending
+            app.send_task(
+                pending.envelope.message_type,
+                kwargs=payload,
+                task_id=pending.correlation_id,
+                headers=headers,
+                root_id=pending.correlation_id,
+                parent_id=causation_id,
+                argsrepr=pending.envelope.summary(),
+                **options,
+            )
         return pending
 
     def send_many(self, commands: Sequence[Command | Query]) -> list[PendingReply]:
@@ -171,7 +174,7 @@ class MessageBus:
                 )
                 for pending, payload, headers, queue in prepared
             ]
-            with app.producer_or_acquire() as producer:
+            with queue_types_checked(), app.producer_or_acquire() as producer:
                 publish_many(producer, messages)
         return [pending for pending, _, _, _ in prepared]
 
@@ -256,7 +259,7 @@ class MessageBus:
         event_log(app).append(headers, payload)
         if due is not None:
             headers = delays.with_due(headers, due)
-        with app.producer_or_acquire() as producer:
+        with queue_types_checked(), app.producer_or_acquire() as producer:
             if producer.connection.transport.driver_type == "redis":
                 # One copy per bound pool queue, addressed to that queue alone (see topology).
                 bound = bound_queues(producer, EVENTS_EXCHANGE.name, message_type)
@@ -277,7 +280,11 @@ class MessageBus:
                 if due is not None:
                     level = delays.level_for(due - time())
                     exchange, headers[delays.LEVEL] = delays.DELAYED_EVENTS, str(level)
-                    declare += [delays.DELAYED_EVENTS, delays.delayed_event_queue(level)]
+                    queue_type = installation(app).queue_type
+                    declare += [
+                        delays.DELAYED_EVENTS,
+                        delays.delayed_event_queue(level, queue_type),
+                    ]
                 app.amqp.send_task_message(
                     producer,
                     message_type,

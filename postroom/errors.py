@@ -17,6 +17,7 @@ __all__ = [
     "InvalidSchedule",
     "NotInstalled",
     "PostroomError",
+    "QueueTypeMismatch",
     "Rejected",
     "RejectedReply",
     "ReplyTimeout",
@@ -33,6 +34,15 @@ class PostroomError(Exception):
 
 class ConfigurationError(PostroomError, ValueError):
     """A setting has a value it cannot take; the message names the variable and what it means."""
+
+
+class QueueTypeMismatch(ConfigurationError):
+    """RabbitMQ holds a queue under a postroom name with another type than the deployment's
+    (POSTROOM_QUEUE_TYPE); the message names the queue and how to migrate it."""
+
+    def __init__(self, message: str, queue: str) -> None:
+        super().__init__(message)
+        self.queue = queue
 
 
 class ContractError(PostroomError, TypeError):

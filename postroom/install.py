@@ -39,7 +39,7 @@ from postroom.routing import Router
 from postroom.settings import Settings
 from postroom.signing import Signer
 from postroom.stores import InboxStore
-from postroom.topology import UNROUTED_QUEUE, declared_queues
+from postroom.topology import UNROUTED_QUEUE, QueueType, declared_queues
 
 _CONF_KEY = "postroom"
 
@@ -57,9 +57,12 @@ class Installation:
     event_log: RedisStreamStore = field(init=False)
     signer: Signer | None = field(init=False)
     retry: RetryPolicy = field(init=False)
+    #: the type of every queue this deployment declares (see postroom.topology)
+    queue_type: QueueType = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
+        self.queue_type = s.declared_queue_type
         self.reliability = Reliability(
             redis_url=s.state,
             namespace=s.namespace,
@@ -164,8 +167,9 @@ def install(
             registry.pools(),
             tuple(registry.partitioned_services()),
             settings.partitions,
+            queue_type=installed.queue_type,
         ),
-        task_routes=(Router(app),),
+        task_routes=(Router(app, installed.queue_type),),
         task_default_queue=UNROUTED_QUEUE,
         worker_consumer="postroom._celery.consumer:DeadLetteringConsumer",
         **{_CONF_KEY: installed},

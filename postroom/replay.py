@@ -29,10 +29,12 @@ from typing import Any
 from celery.utils.nodenames import anon_nodename
 from kombu import Queue
 
+from postroom._celery.queue_types import queue_types_checked
 from postroom._celery.wire import CHUNK, TaskMessage, event_message, publish_many
 from postroom.errors import InvalidMessage, PostroomError
 from postroom.eventlog import EventStore, LoggedEvent, event_log
 from postroom.headers import REPLAY, Envelope, uuid7
+from postroom.install import installation
 from postroom.registry import registry
 from postroom.signing import SIGNATURE, Signer, signer
 from postroom.topology import event_queue
@@ -90,11 +92,11 @@ def replay(
         )
     wanted = {event_type} if event_type else set(types)
     store = event_log(app) if store is None else store
-    queue = event_queue(pool, types)
+    queue = event_queue(pool, types, installation(app).queue_type)
     replay_id = uuid7() if force else None
     sign, origin = signer(app), anon_nodename()
     count, refused, oldest = 0, [], None
-    with app.producer_or_acquire() as producer:
+    with queue_types_checked(), app.producer_or_acquire() as producer:
         queue.bind(producer.channel).declare()  # first, so live copies accumulate from now on
         until = store.position()  # then history up to this moment, and not one event later
         batch: list[tuple[Queue, TaskMessage]] = []

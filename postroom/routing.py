@@ -16,14 +16,19 @@ from pydantic import ValidationError
 
 from postroom.messages import Command, Query
 from postroom.registry import registry
-from postroom.topology import command_queue
+from postroom.topology import QueueType, command_queue
 
 
 class Router:
-    """A Celery router (``task_routes``): consulted only when the sender named no queue."""
+    """A Celery router (``task_routes``): consulted only when the sender named no queue.
 
-    def __init__(self, app: celery.Celery) -> None:
+    It routes to queues of the deployment's ``queue_type``: Celery declares the queue it is given
+    before sending, and that declaration must match the workers'.
+    """
+
+    def __init__(self, app: celery.Celery, queue_type: QueueType) -> None:
         self.app = app
+        self.queue_type = queue_type
 
     def __call__(
         self, name: str, args: Any, kwargs: Any, options: dict[str, Any], **_: Any
@@ -41,4 +46,4 @@ class Router:
                 return {"queue": route(self.app, contract.model_validate(kwargs or {}))}
             except ValidationError:
                 pass  # refused as invalid by the owner, which says why
-        return {"queue": command_queue(handler.owner)}
+        return {"queue": command_queue(handler.owner, self.queue_type)}

@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from postroom.errors import ConfigurationError
+from postroom.topology import CLASSIC, QueueType
 
 __all__ = ["Settings", "documented", "env_name"]
 
@@ -57,6 +58,12 @@ class Settings(BaseSettings):
     namespace: str = Field(
         "postroom",
         description="prefix of every Redis key postroom writes: broker queues (on Redis) and service state",
+    )
+    queue_type: QueueType = Field(
+        "quorum",
+        description="RabbitMQ only: the type of every queue postroom declares, `quorum` "
+        "(replicated; RabbitMQ 3.8+) or `classic` (a broker without quorum queues); an existing "
+        "queue cannot change type in place (see Delivery guarantees)",
     )
     visibility_timeout: int = Field(
         30,
@@ -223,6 +230,12 @@ class Settings(BaseSettings):
         return self.broker_url.startswith(("redis://", "rediss://", "redis+socket://"))
 
     @property
+    def declared_queue_type(self) -> QueueType:
+        """The type postroom declares its queues with: the setting's on RabbitMQ; on Redis, whose
+        transport has no queue types, classic, so Celery sees no quorum queue there."""
+        return CLASSIC if self.broker_is_redis else self.queue_type
+
+    @property
     def extra_imports(self) -> list[str]:
         return [name.strip() for name in self.imports.split(",") if name.strip()]
 
@@ -270,6 +283,12 @@ def _explain(error: ValidationError) -> str:
             problems.append(
                 f"{env_name(name)}={detail['input']!r} must be greater than {bound}: "
                 f"{field.description}"
+            )
+            continue
+        if detail["type"] == "literal_error":
+            expected = detail.get("ctx", {}).get("expected", "")
+            problems.append(
+                f"{env_name(name)}={detail['input']!r} must be {expected}: {field.description}"
             )
             continue
         kind = getattr(field.annotation, "__name__", str(field.annotation))

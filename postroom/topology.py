@@ -17,13 +17,24 @@ broker copies it into every bound queue. On Redis, kombu's exchanges live in eac
 and a message restored after a crash is re-routed through its exchange and key (reaching every pool
 again), so the publisher reads the bindings kombu keeps in Redis and puts one copy straight into
 each bound queue instead: a restored copy then returns to its own queue only.
+
+Every queue postroom declares is of one type, a deployment's choice (POSTROOM_QUEUE_TYPE): quorum
+queues on RabbitMQ by default (replicated, and the durable type RabbitMQ 4 keeps), classic ones
+for a broker without them. The functions take that type rather than read the settings, so one
+process can hold two apps of different deployments; Redis ignores it (``CLASSIC`` there).
 """
 
 from __future__ import annotations
 
 from functools import cache
+from typing import Any, Literal
 
 from kombu import Exchange, Queue, binding
+
+#: the types of queue postroom can declare on RabbitMQ
+QueueType = Literal["quorum", "classic"]
+QUORUM: QueueType = "quorum"
+CLASSIC: QueueType = "classic"
 
 COMMANDS_EXCHANGE = Exchange("postroom.commands", type="direct", durable=True)
 EVENTS_EXCHANGE = Exchange("postroom.events", type="direct", durable=True)
@@ -33,18 +44,37 @@ _EVENT_QUEUE_PREFIX = "events."
 UNROUTED_QUEUE = "postroom.unrouted"
 
 
+def queue_arguments(queue_type: QueueType, **arguments: Any) -> dict[str, Any]:
+    """The declaration arguments of a postroom queue of ``queue_type``, plus ``arguments``.
+
+    A classic queue is declared without ``x-queue-type``, as before quorum queues were the
+    default, so a deployment that chooses classic keeps its existing queues equivalent.
+    """
+    return {"x-queue-type": QUORUM, **arguments} if queue_type == QUORUM else arguments
+
+
 def command_queue_name(service: str) -> str:
     return f"commands.{service}"
 
 
 @cache
-def command_queue(service: str) -> Queue:
+def command_queue(service: str, queue_type: QueueType) -> Queue:
     """The durable queue a service's pool consumes its commands and queries from.
 
     Built once per service: kombu entities are costly to build, and senders ask for one per message.
     """
     name = command_queue_name(service)
-    return Queue(name, COMMANDS_EXCHANGE, routing_key=name, durable=True)
+    return Queue(
+        name,
+        COMMANDS_EXCHANGE,
+        routing_key=name,
+        durable=True,
+        queue_arguments=queue_arguments(queue_type),
+    )
+
+
+def unrouted_queue(queue_type: QueueType) -> Queue:
+    return Queue(UNROUTED_QUEUE, durable=True, queue_arguments=queue_arguments(queue_type))
 
 
 @cache
@@ -59,11 +89,12 @@ def partition_queue_name(service: str, partition: int) -> str:
 
 
 @cache
-def partition_queue(service: str, partition: int) -> Queue:
+def partition_queue(service: str, partition: int, queue_type: QueueType) -> Queue:
     """One of a service's partition queues: ordered messages of the keys that hash to it.
 
-    Single-active-consumer on RabbitMQ: however many workers subscribe, the broker delivers to
-    one at a time (kombu's Redis transport ignores the argument; leases do the same job there).
+    Single-active-consumer on RabbitMQ (quorum and classic queues alike): however many workers
+    subscribe, the broker delivers to one at a time (kombu's Redis transport ignores the
+    argument; leases do the same job there).
     """
     name = partition_queue_name(service, partition)
     return Queue(
@@ -71,7 +102,7 @@ def partition_queue(service: str, partition: int) -> Queue:
         COMMANDS_EXCHANGE,
         routing_key=name,
         durable=True,
-        queue_arguments={"x-single-active-consumer": True},
+        queue_arguments=queue_arguments(queue_type, **{"x-single-active-consumer": True}),
     )
 
 
@@ -87,7 +118,7 @@ def is_event_queue(queue_name: str) -> bool:
     return queue_name.startswith(_EVENT_QUEUE_PREFIX)
 
 
-def event_queue(pool: str, event_types: list[str]) -> Queue:
+def event_queue(pool: str, event_types: list[str], queue_type: QueueType) -> Queue:
     """A pool's durable queue, bound to the events exchange once per event type it subscribes to.
 
     Its retries never go through these bindings: they are sent to the queue by name (see
@@ -97,6 +128,7 @@ def event_queue(pool: str, event_types: list[str]) -> Queue:
         event_queue_name(pool),
         bindings=[binding(EVENTS_EXCHANGE, routing_key=t) for t in event_types],
         durable=True,
+        queue_arguments=queue_arguments(queue_type),
     )
 
 
@@ -116,15 +148,22 @@ def declared_queues(
     pools: dict[str, list[str]],
     partitioned: tuple[str, ...] = (),
     partitions: int = 4,
+    *,
+    queue_type: QueueType,
 ) -> list[Queue]:
     """Every queue of a deployment: one per owning service, one per subscriber pool, and
     ``partitions`` more for each service in ``partitioned`` (see postroom.partitions).
 
     ``owners`` are the services that handle commands or queries; ``pools`` maps each subscriber pool
     to the event types it subscribes to. Which process consumes which queue is the pools' business.
+    ``queue_type`` is the deployment's (see the module docstring).
     """
-    queues = [Queue(UNROUTED_QUEUE, durable=True)]
-    queues += [command_queue(service) for service in sorted(set(owners))]
-    queues += [partition_queue(s, p) for s in sorted(set(partitioned)) for p in range(partitions)]
-    queues += [event_queue(pool, types) for pool, types in sorted(pools.items())]
+    queues = [unrouted_queue(queue_type)]
+    queues += [command_queue(service, queue_type) for service in sorted(set(owners))]
+    queues += [
+        partition_queue(s, p, queue_type)
+        for s in sorted(set(partitioned))
+        for p in range(partitions)
+    ]
+    queues += [event_queue(pool, types, queue_type) for pool, types in sorted(pools.items())]
     return queues

@@ -326,8 +326,8 @@ class PrivateRabbitMQ(_Server):
             _end(self.epmd, 10)
 
     def queues(self) -> dict[str, dict[str, str]]:
-        """Every queue of the node's default vhost: name -> durable, messages, messages_persistent."""
-        columns = ("name", "durable", "messages", "messages_persistent")
+        """Every queue of the node's default vhost: name -> type, durable, messages."""
+        columns = ("name", "type", "durable", "messages")
         done = self.ctl("list_queues", "--no-table-headers", *columns)
         assert done.returncode == 0, done.stdout + done.stderr
         rows = [line.split("\t") for line in done.stdout.splitlines() if line.strip()]

@@ -152,7 +152,8 @@ def consume_unrouted(sender: Any = None, instance: Any = None, **_: Any) -> None
     app = getattr(instance, "app", None)
     if app is None or app.conf.get("postroom") is None:
         return  # a plain Celery app in the same process: not ours to change
-    app.amqp.queues.select_add(UNROUTED_QUEUE)
+    # the declared queue itself, not its name: Celery would build a classic queue from a name
+    app.amqp.queues.select_add(app.amqp.queues[UNROUTED_QUEUE])
 
 
 class OutboxSweeper(threading.Thread):

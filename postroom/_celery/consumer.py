@@ -8,6 +8,9 @@ from celery.utils.log import get_logger
 from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed
 
+from postroom._celery import delays
+from postroom._celery.queue_types import queue_types_checked
+from postroom.install import installation
 from postroom.reliability import DeadLetter, reliability
 
 logger = get_logger(__name__)
@@ -19,7 +22,26 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
     Celery logs and drops a message it cannot decode (bad JSON, a refused content type such as
     pickle), one of no known format, or one naming an unknown task. postroom keeps each, with the
     reason, before Celery acknowledges it, so the worker keeps running and nothing is lost.
+    A queue RabbitMQ holds with another type than the deployment's stops the worker with a
+    QueueTypeMismatch saying how to migrate it (at start, or when a partition queue is leased).
+    On RabbitMQ a plain Celery ETA still ahead goes to postroom's delay queues, not the timer.
     """
+
+    class Blueprint(Consumer.Blueprint):  # type: ignore[misc]
+        """Celery's consumer steps without its native delayed delivery, which Celery switches on
+        when it sees a quorum queue: it serves topic and fanout exchanges only, so for
+        postroom's direct exchanges it would declare 28 idle quorum queues and warn about each
+        queue; postroom's own delay queues (postroom._celery.delays) hold what waits."""
+
+        default_steps = [
+            step
+            for step in Consumer.Blueprint.default_steps
+            if not step.endswith(":DelayedDelivery")
+        ]
+
+    def start(self) -> None:
+        with queue_types_checked():
+            super().start()
 
     def _dead_letter_raw(self, message: Any, reason: str, exc: BaseException | None) -> None:
         try:
@@ -59,6 +81,8 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
             error: BaseException
             try:
                 check_shape(message, self.app.conf.accept_content)
+                if self._held_in_broker(message):
+                    return None
                 return on_task_received(message)
             except MalformedMessage as exc:
                 reason, error = exc.reason, exc
@@ -71,6 +95,25 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
             return None
 
         return guarded
+
+    def _held_in_broker(self, message: Any) -> bool:
+        """On RabbitMQ, whether ``message`` had a Celery ETA still ahead and was moved to its
+        queue's delay queue (then acknowledged) instead of being held here until due; Redis's
+        transport parks such a message before any worker sees it."""
+        headers = message.headers or {}
+        if not headers.get("eta") or not delays.is_early(headers):
+            return False  # postroom's own early arrivals go back from the task (see tasks.py)
+        installed = installation(self.app)
+        if installed.settings.broker_is_redis:
+            return False
+        tag = message.delivery_info.get("consumer_tag")
+        queues = {t: q for q, t in self.task_consumer._active_tags.items()}
+        if tag not in queues:
+            return False
+        with self.app.producer_or_acquire() as producer:
+            delays.hold_in_broker(producer, message, queues[tag], installed.queue_type)
+        message.ack()
+        return True
 
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         self._dead_letter_raw(message, "undecodable", exc)

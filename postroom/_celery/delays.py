@@ -29,6 +29,12 @@ dropped by the consumer's inbox. An event published with a delay goes through on
 exchange (DELAYED_EVENTS) to its level's queue, dead-lettered to the events exchange with its
 event type as routing key, so every subscribed pool gets its copy once it is due. Classic queues
 dead-letter at most once: a broker crash at the very moment of expiry can lose the message.
+Quorum delay queues (the default, POSTROOM_QUEUE_TYPE) close that gap: they expire from the head
+too, and dead-letter at least once (``x-dead-letter-strategy: at-least-once``, which RabbitMQ
+allows only with ``x-overflow: reject-publish``): an expired message stays in its delay queue
+until its destination has confirmed it, so a crash then can double it (the inbox drops the
+copy) but not lose it. A message carrying a plain Celery ETA is moved to its queue's delay queue
+by the worker that receives it (``hold_in_broker``), instead of being held there until due.
 """
 
 from __future__ import annotations
@@ -48,7 +54,13 @@ from kombu.utils.json import dumps
 
 from postroom._celery.fetch import DOORBELL_TTL_MS, RING, doorbell
 from postroom.errors import InvalidSchedule
-from postroom.topology import EVENTS_EXCHANGE, delay_queue_name
+from postroom.topology import (
+    EVENTS_EXCHANGE,
+    QUORUM,
+    QueueType,
+    delay_queue_name,
+    queue_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -195,24 +207,35 @@ def level_for(remaining: float) -> int:
     return fitting[-1] if fitting else LEVELS[0]
 
 
+def _dead_lettering(queue_type: QueueType, **arguments: Any) -> dict[str, Any]:
+    """A delay queue's arguments: its TTL and dead-letter target (``arguments``), at least once
+    on a quorum queue (see the module docstring)."""
+    if queue_type == QUORUM:
+        arguments |= {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    return queue_arguments(queue_type, **arguments)
+
+
 @cache
-def delay_queue(destination: str, level: int) -> Queue:
+def delay_queue(destination: str, level: int, queue_type: QueueType) -> Queue:
     """The queue a message for ``destination`` waits ``level`` ms in, before the broker moves it
     there through the default exchange; built once (kombu declares an entity once per
     connection, and entities are costly to build)."""
     return Queue(
         delay_queue_name(destination, level),
         durable=True,
-        queue_arguments={
-            "x-message-ttl": level,
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": destination,
-        },
+        queue_arguments=_dead_lettering(
+            queue_type,
+            **{
+                "x-message-ttl": level,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": destination,
+            },
+        ),
     )
 
 
 @cache
-def delayed_event_queue(level: int) -> Queue:
+def delayed_event_queue(level: int, queue_type: QueueType) -> Queue:
     """The queue an event published with a delay waits ``level`` ms in, before the broker hands it
     to the events exchange under its own routing key (its event type)."""
     return Queue(
@@ -220,17 +243,48 @@ def delayed_event_queue(level: int) -> Queue:
         DELAYED_EVENTS,
         durable=True,
         binding_arguments={"x-match": "all", LEVEL: str(level)},
-        queue_arguments={"x-message-ttl": level, "x-dead-letter-exchange": EVENTS_EXCHANGE.name},
+        queue_arguments=_dead_lettering(
+            queue_type,
+            **{"x-message-ttl": level, "x-dead-letter-exchange": EVENTS_EXCHANGE.name},
+        ),
     )
 
 
-def route(is_redis: bool, destination: str, due: float) -> dict[str, Any]:
+def route(is_redis: bool, destination: str, due: float, queue_type: QueueType) -> dict[str, Any]:
     """Celery publish options sending a message for ``destination`` (a queue's name) toward it,
     due at ``due``: on Redis to the queue itself (the transport parks it), on RabbitMQ to the
-    delay queue of its level."""
+    delay queue of its level, of the deployment's ``queue_type``."""
     if is_redis:
         return {"queue": Queue(destination), "exchange_type": "direct"}
-    return {"queue": delay_queue(destination, level_for(due - time())), "exchange_type": "direct"}
+    level = level_for(due - time())
+    return {"queue": delay_queue(destination, level, queue_type), "exchange_type": "direct"}
+
+
+def hold_in_broker(producer: Any, message: Any, destination: str, queue_type: QueueType) -> None:
+    """Send a received ``message`` whose Celery ETA is still ahead (plain Celery's countdown) to
+    the delay queue of ``destination``, the queue it came from, its ETA cleared and its due time
+    kept; returns once the broker confirmed it, so the caller may then acknowledge the original.
+
+    Celery would hold it in the worker until due; on quorum queues its prefetch is per consumer
+    and cannot grow for it, so a one-process consumer would take nothing else meanwhile.
+    """
+    due = due_of(message.headers)
+    assert due is not None
+    queue = delay_queue(destination, level_for(due - time()), queue_type)
+    properties = message.properties or {}
+    producer.publish(
+        message.body,
+        exchange="",
+        routing_key=queue.name,
+        declare=[queue],
+        headers=with_due({**(message.headers or {}), "eta": None}, due),
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        correlation_id=properties.get("correlation_id"),
+        reply_to=properties.get("reply_to"),
+        priority=properties.get("priority"),
+        delivery_mode=2,
+    )
 
 
 def with_due(headers: Mapping[str, Any] | None, due: float) -> dict[str, Any]:

@@ -126,8 +126,10 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         arrived early (raises Ignore: acknowledged, no state recorded)."""
         from postroom.install import installation  # noqa: PLC0415 - install imports this module
 
-        is_redis = installation(self.app).settings.broker_is_redis
-        options = delays.route(is_redis, delivery.queue, due)
+        installed = installation(self.app)
+        options = delays.route(
+            installed.settings.broker_is_redis, delivery.queue, due, installed.queue_type
+        )
         headers = delays.with_due(self.request.headers, due)
         if retry is not None:
             self.retry(exc=retry, countdown=0, headers=headers, **options)

@@ -14,6 +14,7 @@ from kombu import Connection
 
 from postroom import MessageBus
 from postroom._celery.wire import CHUNK
+from postroom.install import installation
 from postroom.messages import Command
 from postroom.topology import command_queue
 from tests.support import BrokerContext
@@ -32,7 +33,7 @@ class Parked(Command, service="parked"):
 def conn(broker: BrokerContext) -> Iterator[Connection]:
     with broker.app.connection_for_read() as conn:
         channel = conn.default_channel
-        command_queue("parked")(channel).declare()
+        command_queue("parked", installation(broker.app).queue_type)(channel).declare()
         channel.queue_purge("commands.parked")
         yield conn
 

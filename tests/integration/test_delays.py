@@ -13,6 +13,7 @@ import pytest
 
 from config.pools import Pool
 from postroom import MessageBus
+from postroom.bus import route
 from tests.integration.services import POOLS, Echo, Flaky, ProbeHappened, WhatTime
 from tests.support import BrokerContext, wait_for
 
@@ -115,3 +116,22 @@ def test_an_event_published_with_a_delay_reaches_every_pool_once_due(
     for pool in POOLS:
         [delivery] = deliveries(broker, key, pool)
         assert due <= delivery["at"] <= due + LATE
+
+
+def test_a_plain_celery_countdown_waits_in_the_broker_and_fresh_commands_do_not_wait_for_it(
+    broker: BrokerContext, bus: MessageBus
+) -> None:
+    sent = time.time()
+    later = broker.app.send_task(
+        "probe.WhatTime",
+        countdown=3,
+        queue=route(broker.app, WhatTime()),
+        task_id=str(uuid.uuid4()),
+    )
+    time.sleep(0.5)  # the countdown reached a worker first
+    started = time.monotonic()
+    assert bus.send(Echo(text="now")).reply(timeout=10).status == "succeeded"
+    assert time.monotonic() - started < 1.5
+    reply = bus.reply_for(later.id, timeout=30)
+    assert reply.value is not None
+    assert sent + 3 <= reply.value["at"] <= sent + 3 + LATE

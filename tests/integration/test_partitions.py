@@ -52,7 +52,7 @@ def test_a_partitioned_command_goes_to_the_partition_queue_of_its_key(
 ) -> None:
     queue = route(broker.app, MoveTo(asset="a1", seq=0))
     assert queue.name == f"commands.ordered.p{partition_of('a1', 4)}"
-    assert queue.queue_arguments == {"x-single-active-consumer": True}
+    assert queue.queue_arguments["x-single-active-consumer"] is True
 
 
 def test_each_keys_messages_are_handled_in_send_order_even_when_a_worker_is_killed(

@@ -73,6 +73,22 @@ def test_a_visibility_timeout_of_zero_is_refused_with_what_it_means() -> None:
     assert "heartbeat" in message
 
 
+def test_queues_are_quorum_unless_classic_is_chosen_and_redis_has_no_types() -> None:
+    rabbitmq = {"POSTROOM_BROKER_URL": "amqp://guest:guest@127.0.0.1:5672//"}
+    assert Settings.from_env(rabbitmq).declared_queue_type == "quorum"
+    classic = {**rabbitmq, "POSTROOM_QUEUE_TYPE": "classic"}
+    assert Settings.from_env(classic).declared_queue_type == "classic"
+    assert Settings.from_env({}).declared_queue_type == "classic"  # Redis
+
+
+def test_an_unknown_queue_type_is_refused_with_the_types_there_are() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Settings.from_env({"POSTROOM_QUEUE_TYPE": "mirrored"})
+    message = str(raised.value)
+    assert "POSTROOM_QUEUE_TYPE='mirrored' must be 'quorum' or 'classic'" in message
+    assert "cannot change type in place" in message
+
+
 def test_every_bad_value_is_named_at_once() -> None:
     with pytest.raises(ConfigurationError) as raised:
         Settings.from_env({"POSTROOM_FLOWER_PORT": "http", "POSTROOM_RETRY_BACKOFF": "soon"})
