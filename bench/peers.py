@@ -37,7 +37,12 @@ def _count(system: str) -> None:
 
 celery_app = Celery("bare", broker=settings.broker_url, backend=settings.result_backend)
 celery_app.conf.update(
-    **delivery_settings(settings), **monitoring_settings(settings), task_default_queue="bench.bare"
+    **delivery_settings(settings),
+    **monitoring_settings(settings),
+    task_default_queue="bench.bare",
+    # the same queue type as postroom's (quorum on RabbitMQ by default), so both pay for it
+    task_default_queue_type=settings.declared_queue_type,
+    task_create_missing_queue_type=settings.declared_queue_type,
 )
 
 
