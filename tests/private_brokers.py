@@ -66,7 +66,30 @@ def _end(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
         proc.wait(10)
 
 
-class _Server:
+class _Managed:
+    """Started on the way in; on the way out (or if the start fails) closed, whatever happened."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class _Server(_Managed):
     port: int
 
     def __init__(self, prefix: str) -> None:
@@ -103,9 +126,6 @@ class _Server:
                 )
             time.sleep(0.05)
 
-    def start(self) -> None:
-        raise NotImplementedError
-
     def stop(self) -> None:
         raise NotImplementedError
 
@@ -131,19 +151,6 @@ class _Server:
 
     def _end_helpers(self) -> None:
         """Processes started alongside the server, ended after it."""
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class PrivateRedis(_Server):
@@ -402,7 +409,7 @@ class PrivatePostgres(_Server):
         self._stopped(30)
 
 
-class PrivateRabbitMQCluster:
+class PrivateRabbitMQCluster(_Managed):
     """``size`` private RabbitMQ nodes joined in one cluster: one epmd and one Erlang cookie for
     all, each node with its own name, ports and data. As a context manager, every node and the
     epmd are stopped (killed if need be, by the PIDs started here) on the way out."""
@@ -444,16 +451,3 @@ class PrivateRabbitMQCluster:
                 self.epmd.terminate()
                 _end(self.epmd, 10)
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
