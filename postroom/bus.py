@@ -21,7 +21,7 @@ from kombu import Queue
 
 from postroom import tracing
 from postroom._celery import delays
-from postroom._celery.queue_types import queue_types_checked
+from postroom._celery.publishing import published
 from postroom._celery.wire import (
     bound_queues,
     event_message,
@@ -130,7 +130,8 @@ class MessageBus:
         if due is not None:
             headers = delays.with_due(headers, due)
             options = delays.route(_is_redis(app), queue.name, due, installation(app).queue_type)
-        with queue_types_checked():  # Celery declares the queue before sending
+        what = f"command {pending.message_id}"
+        with published(what, _retries(app)):  # Celery declares the queue, then sends
             app.send_task(
                 pending.envelope.message_type,
                 kwargs=payload,
@@ -174,7 +175,8 @@ class MessageBus:
                 )
                 for pending, payload, headers, queue in prepared
             ]
-            with queue_types_checked(), app.producer_or_acquire() as producer:
+            what = f"{len(messages)} commands (send_many)"
+            with published(what, None), app.producer_or_acquire() as producer:
                 publish_many(producer, messages)
         return [pending for pending, _, _, _ in prepared]
 
@@ -259,7 +261,8 @@ class MessageBus:
         event_log(app).append(headers, payload)
         if due is not None:
             headers = delays.with_due(headers, due)
-        with queue_types_checked(), app.producer_or_acquire() as producer:
+        what = f"event {envelope.message_id}"
+        with published(what, _retries(app)), app.producer_or_acquire() as producer:
             if producer.connection.transport.driver_type == "redis":
                 # One copy per bound pool queue, addressed to that queue alone (see topology).
                 bound = bound_queues(producer, EVENTS_EXCHANGE.name, message_type)
@@ -295,6 +298,10 @@ class MessageBus:
                     headers=headers,
                 )
         return envelope.message_id
+
+
+def _retries(app: celery.Celery) -> int:
+    return installation(app).settings.publish_retries
 
 
 def _is_redis(app: celery.Celery) -> bool:

@@ -81,6 +81,11 @@ class TransientError(PostroomError):
     """Raised by a handler for a failure worth retrying (with backoff) before giving up."""
 
 
+class SendFailed(PostroomError, ConnectionError):
+    """The broker could not be reached, or did not confirm a message, after every retry; it may
+    or may not hold the message."""
+
+
 class ReplyTimeout(PostroomError, TimeoutError):
     """No reply arrived in time; the command may still be queued or running."""
 

@@ -126,6 +126,15 @@ def delivery_settings(settings: Settings) -> dict[str, object]:
         "broker_transport_options": broker_transport_options(settings),
         "broker_connection_retry_on_startup": True,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # a failover takes longer than Celery's default policy (3 tries in 0.4 s): during a quorum
+        # leader election RabbitMQ nacks publishes for a second or more
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": settings.publish_retries,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
     }
 
 

@@ -106,6 +106,14 @@ class Settings(BaseSettings):
         60.0, description="longest delay between two retries, in seconds"
     )
     reply_ttl: int = Field(86400, description="seconds a reply is kept in the result backend")
+    publish_retries: int = Field(
+        10,
+        ge=0,
+        description="times a send retries when the broker connection fails or the broker does not "
+        "confirm the message (a RabbitMQ node dying, a quorum queue electing a new leader), "
+        "reconnecting to the next broker URL, 0.5 s longer between tries up to 2 s (about 15 s "
+        "in all) before SendFailed",
+    )
     imports: str = Field(
         "", description="comma-separated extra modules holding handlers, imported by every worker"
     )
