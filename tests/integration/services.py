@@ -14,13 +14,30 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from celery.signals import task_prerun
+
 from postroom import Command, Event, HandlerContext, Rejected, TransientError, handles, subscribes
+from postroom._celery import delays
 from postroom.messages import CommandFailed
 from postroom.outbox import Entry, Relay
 from tasks.state import client, key
 
 SERVICE = "probe"
 POOLS = ("pool_a", "pool_b", "pool_c")
+#: set in a worker's environment, it counts every delivery its tasks get (see count_deliveries)
+COUNT_DELIVERIES = "PROBE_COUNT_DELIVERIES"
+
+
+def _count_delivery(task_id: str, task: Any, **_: Any) -> None:
+    """Counts each delivery of a message's attempt, so a test sees the repeats a broker made (the
+    inbox absorbs them): a retry is another attempt, an early arrival sent back is not one."""
+    if not delays.is_early(task.request.headers or {}):
+        attempt = f"{task_id}|{task.request.retries}"
+        client().hincrby(key(SERVICE, "deliveries"), attempt, 1)
+
+
+if os.environ.get(COUNT_DELIVERIES):
+    task_prerun.connect(_count_delivery, weak=False)
 
 
 class Echo(Command, service=SERVICE):
@@ -49,10 +66,12 @@ class EmitProbe(Command, service=SERVICE):
 
 
 class Count(Command, service=SERVICE):
-    """Adds one to its key's counter, in the same transaction as the inbox mark."""
+    """Adds one to its key's counter, in the same transaction as the inbox mark; fails
+    transiently on its first ``failures`` runs (so it waits in backoff)."""
 
     key: str
     pause: float = 0.0
+    failures: int = 0
 
 
 class Linger(Command, service=SERVICE):
@@ -178,6 +197,8 @@ def emit_probe(cmd: EmitProbe, ctx: HandlerContext) -> str:
 @handles(Count)
 def count(cmd: Count, ctx: HandlerContext) -> dict[str, str]:
     time.sleep(cmd.pause)
+    if cmd.failures and client().incr(key(SERVICE, "count-runs", cmd.key)) <= cmd.failures:
+        raise TransientError(f"run of {cmd.key} fails on purpose")
     ctx.transaction().incr(key(SERVICE, "count", cmd.key))
     return {"counted": cmd.key}
 
