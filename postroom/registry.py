@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from postroom.breakers import CircuitBreaker
 from postroom.errors import DuplicateHandler
 from postroom.messages import Message
 
@@ -17,6 +18,9 @@ class Handler:
     contract: type[Message]
     fn: Callable[..., Any]
     owner: str  # the service for commands and queries, the pool for events
+    #: its circuit breaker: None the settings' (POSTROOM_BREAKER_FAILURES), False none, True or a
+    #: CircuitBreaker one of its own (see postroom.breakers)
+    breaker: CircuitBreaker | bool | None = None
 
     @property
     def where(self) -> str:

@@ -105,6 +105,19 @@ class Settings(BaseSettings):
     retry_backoff_max: float = Field(
         60.0, description="longest delay between two retries, in seconds"
     )
+    breaker_failures: int = Field(
+        0,
+        ge=0,
+        description="failures in a row that open a handler's circuit breaker (its messages then wait in "
+        "the broker); 0: a handler has a breaker only if it declares one "
+        "(`@handles(..., breaker=...)`)",
+    )
+    breaker_cooldown: float = Field(
+        30.0,
+        gt=0,
+        description="seconds an open circuit breaker holds its handler's messages before one runs as "
+        "a probe",
+    )
     reply_ttl: int = Field(86400, description="seconds a reply is kept in the result backend")
     imports: str = Field(
         "", description="comma-separated extra modules holding handlers, imported by every worker"

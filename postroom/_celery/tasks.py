@@ -3,7 +3,8 @@
 A task's body builds a Delivery from Celery's request, runs the pipeline, and turns the Outcome
 into a task result: a reply returned (SUCCESS), a rejected or failed reply raised (FAILURE, so
 Flower shows it as such, the reply intact), a retry through ``Task.retry`` (RETRY), its backoff held
-by the broker (postroom._celery.delays).
+by the broker (postroom._celery.delays). A message its open breaker held is sent back through the
+broker the same way, as the same attempt, and acknowledged with no state recorded.
 
 Events: one task per event type; every worker process of a pool consumes that pool's queue only,
 so it knows its pool from the queue it was started on. The worker renames its delivery
@@ -138,6 +139,8 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> Any:
         """The outcome in Celery's terms: a result, a FAILURE carrying the reply, or a retry."""
+        if outcome.status == "held":  # its breaker is open: not run, the same attempt later
+            self.redelay(delivery, time() + outcome.delay)
         if outcome.status == "retry":
             # Task.retry() counts the retry and tells Flower (RETRY); its countdown would hold the
             # message in this worker, so the broker holds it instead (postroom._celery.delays),

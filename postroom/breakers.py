@@ -1,0 +1,278 @@
+"""A circuit breaker per handler: a downstream that keeps failing is left alone for a while.
+
+After ``failures`` consecutive failures of one handler (a transient error the Retry step sends
+back, or an error it gives up on; a rejection is an answer, not a failure) its breaker opens:
+the pool stops running that handler's messages and hands each one back to the broker, which
+holds it until the cool-down ends (the same path as a scheduled message, postroom._celery.delays).
+A held message is not run and spends no attempt, so an outage neither dead-letters it nor spins
+it through its retries. Then one message runs as a probe (half-open): success closes the breaker
+and the backlog drains, failure opens it for another cool-down. The pool's other handlers keep
+running::
+
+    closed ──failures in a row──> open ──cool-down──> half-open ──probe succeeds──> closed
+                                   ^                      │
+                                   └────probe fails───────┘
+
+The state lives in the state Redis, keyed per handler (``<owner>:<message type>``) and changed
+by one script at a time, so every worker of a pool sees the breaker open at once, and a lease
+(a key with a TTL of one cool-down) lets exactly one probe run across all of them; a probe whose
+worker died gives way to another once its lease expires. The harness keeps it in memory, on its
+fake clock. The pipeline's step is postroom.pipeline.breaker.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import redis
+
+if TYPE_CHECKING:
+    from postroom.registry import Handler
+
+#: seconds a message waits, held, while another one probes the downstream (at most a cool-down)
+PROBE_WAIT = 1.0
+#: failures in a row that open a breaker declared with ``breaker=True`` and no setting
+DEFAULT_FAILURES = 5
+
+Change = Literal["", "opened", "reopened", "closed"]
+
+
+@dataclass(frozen=True)
+class CircuitBreaker:
+    """A handler's breaker, as declared on ``@handles`` / ``@subscribes``: a field left None
+    takes the setting's value (POSTROOM_BREAKER_FAILURES, POSTROOM_BREAKER_COOLDOWN)."""
+
+    failures: int | None = None  # consecutive failures that open it
+    cooldown: float | None = None  # seconds it stays open before a probe
+
+
+@dataclass(frozen=True)
+class Limits:
+    failures: int
+    cooldown: float
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Whether a message may run now: as a probe of a half-open breaker, or held ``hold`` s."""
+
+    hold: float | None = None
+    probe: bool = False
+
+
+@dataclass(frozen=True)
+class State:
+    """One breaker as shown by ``postroom breakers`` and the metrics."""
+
+    name: str  # <owner>:<message type>
+    failures: int
+    open_until: float  # 0: closed
+
+    def status(self, now: float) -> str:
+        if not self.open_until:
+            return "closed"
+        return "open" if now < self.open_until else "half-open"
+
+
+class BreakerStore(Protocol):
+    """Where breaker state is kept: Redis for workers, memory for the harness."""
+
+    def admit(self, name: str, now: float, limits: Limits) -> Admission: ...
+
+    def record(
+        self, name: str, ok: bool, probe: bool, now: float, limits: Limits
+    ) -> tuple[Change, int]: ...
+
+    def states(self) -> list[State]: ...
+
+    def force(self, name: str, open_until: float) -> None: ...
+
+
+def breaker_name(owner: str, message_type: str) -> str:
+    return f"{owner}:{message_type}"
+
+
+class MemoryBreakers:
+    """Breaker state in this process (the harness's), with the same rules as Redis's."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: dict[str, int] = {}
+        self._open_until: dict[str, float] = {}
+        self._probe_until: dict[str, float] = {}
+
+    def admit(self, name: str, now: float, limits: Limits) -> Admission:
+        with self._lock:
+            until = self._open_until.get(name, 0.0)
+            if not until:
+                return Admission()
+            if now < until:
+                return Admission(hold=until - now)
+            if self._probe_until.get(name, 0.0) > now:
+                return Admission(hold=min(PROBE_WAIT, limits.cooldown))
+            self._probe_until[name] = now + limits.cooldown
+            return Admission(probe=True)
+
+    def record(
+        self, name: str, ok: bool, probe: bool, now: float, limits: Limits
+    ) -> tuple[Change, int]:
+        with self._lock:
+            until = self._open_until.get(name, 0.0)
+            failures = self._failures.get(name, 0)
+            if ok:
+                if probe and until:
+                    self._open_until[name] = 0.0
+                    self._failures[name] = 0
+                    self._probe_until.pop(name, None)
+                    return "closed", failures
+                if not until:
+                    self._failures[name] = 0
+                return "", 0
+            if probe:
+                self._open_until[name] = now + limits.cooldown
+                self._probe_until.pop(name, None)
+                return "reopened", failures
+            if until:
+                return "", failures  # a run begun before it opened
+            failures = self._failures[name] = failures + 1
+            if failures >= limits.failures:
+                self._open_until[name] = now + limits.cooldown
+                return "opened", failures
+            return "", failures
+
+    def states(self) -> list[State]:
+        with self._lock:
+            names = sorted({*self._failures, *self._open_until})
+            return [State(n, self._failures.get(n, 0), self._open_until.get(n, 0.0)) for n in names]
+
+    def force(self, name: str, open_until: float) -> None:
+        with self._lock:
+            self._open_until[name] = open_until
+            self._failures[name] = 0
+            self._probe_until.pop(name, None)
+
+
+#: KEYS: the breaker's hash, its probe lease. ARGV: now, lease (ms), a token.
+_ADMIT = """
+local opened = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+if opened == 0 then return {'run', ''} end
+local now = tonumber(ARGV[1])
+if now < opened then return {'hold', tostring(opened - now)} end
+if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[2]) then return {'probe', ''} end
+return {'wait', ''}
+"""
+
+#: KEYS: the hash, the lease, the index of names. ARGV: ok, probe, threshold, open until, name.
+_RECORD = """
+redis.call('SADD', KEYS[3], ARGV[5])
+local opened = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
+local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')
+if ARGV[1] == '1' then
+  if ARGV[2] == '1' and opened > 0 then
+    redis.call('HSET', KEYS[1], 'failures', 0, 'open_until', 0)
+    redis.call('DEL', KEYS[2])
+    return {'closed', failures}
+  end
+  if opened == 0 and failures > 0 then redis.call('HSET', KEYS[1], 'failures', 0) end
+  return {'', 0}
+end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[1], 'open_until', ARGV[4])
+  redis.call('DEL', KEYS[2])
+  return {'reopened', failures}
+end
+if opened > 0 then return {'', failures} end
+failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+if failures >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'open_until', ARGV[4])
+  return {'opened', failures}
+end
+return {'', failures}
+"""
+
+
+class RedisBreakers:
+    """Breaker state in the state Redis, shared by every worker of the deployment."""
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self.client = client
+        self._prefix = f"{namespace}:breaker:"
+        self._index = f"{namespace}:breakers"
+
+    @cached_property
+    def _admit(self) -> Callable[..., list[str]]:
+        return self.client.register_script(_ADMIT)
+
+    @cached_property
+    def _record(self) -> Callable[..., list[str | int]]:
+        return self.client.register_script(_RECORD)
+
+    def _keys(self, name: str) -> list[str]:
+        return [self._prefix + name, self._prefix + name + ":probe"]
+
+    def admit(self, name: str, now: float, limits: Limits) -> Admission:
+        lease_ms = max(1, int(limits.cooldown * 1000))
+        verdict, hold = self._admit(
+            keys=self._keys(name), args=[repr(now), lease_ms, uuid.uuid4().hex]
+        )
+        if verdict == "run":
+            return Admission()
+        if verdict == "probe":
+            return Admission(probe=True)
+        if verdict == "wait":
+            return Admission(hold=min(PROBE_WAIT, limits.cooldown))
+        return Admission(hold=float(hold))
+
+    def record(
+        self, name: str, ok: bool, probe: bool, now: float, limits: Limits
+    ) -> tuple[Change, int]:
+        change, failures = self._record(
+            keys=[*self._keys(name), self._index],
+            args=[int(ok), int(probe), limits.failures, repr(now + limits.cooldown), name],
+        )
+        return str(change), int(failures)  # type: ignore[return-value]
+
+    def states(self) -> list[State]:
+        names = sorted(str(n) for n in self.client.smembers(self._index))
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(self._prefix + name, "failures", "open_until")
+            found = pipe.execute()
+        return [
+            State(name, int(failures or 0), float(until or 0))
+            for name, (failures, until) in zip(names, found, strict=True)
+        ]
+
+    def force(self, name: str, open_until: float) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.sadd(self._index, name)
+            pipe.hset(self._prefix + name, mapping={"failures": 0, "open_until": open_until})
+            pipe.delete(self._prefix + name + ":probe")
+            pipe.execute()
+
+
+@dataclass(frozen=True)
+class Breakers:
+    """Where a runtime keeps its breakers, and the limits of a handler that declares none."""
+
+    store: BreakerStore
+    failures: int = 0  # 0: no breaker for a handler that does not declare one
+    cooldown: float = 30.0
+
+    def limits(self, handler: Handler | None) -> Limits | None:
+        """The limits of ``handler``'s breaker, or None if it has none."""
+        declared = None if handler is None else handler.breaker
+        if handler is None or declared is False:
+            return None
+        if declared is None and self.failures <= 0:
+            return None
+        if not isinstance(declared, CircuitBreaker):
+            declared = CircuitBreaker()
+        failures = declared.failures or self.failures or DEFAULT_FAILURES
+        cooldown = self.cooldown if declared.cooldown is None else declared.cooldown
+        return Limits(failures, cooldown)
