@@ -76,6 +76,10 @@ class Breaker(Step):
                 error_type=type(error).__name__,
                 error_message=str(error),
             ))  # fmt: skip
+        elif change == "reopened":
+            logger.warning(
+                "breaker %s probe failed (%r); open for %.1fs more", name, error, limits.cooldown
+            )
         elif change == "closed":
             logger.warning("breaker %s closed: its probe succeeded", name)
             self._announce(
