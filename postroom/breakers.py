@@ -59,7 +59,9 @@ class Limits:
 
 @dataclass(frozen=True)
 class Admission:
-    """Whether a message may run now: as a probe of a half-open breaker, or held ``hold`` s."""
+    """Whether a message may run now: as a probe of a half-open breaker, or held ``hold`` s
+    (at most a cool-down, so a breaker opened by hand for longer and then closed lets its
+    backlog in within one)."""
 
     hold: float | None = None
     probe: bool = False
@@ -112,7 +114,7 @@ class MemoryBreakers:
             if not until:
                 return Admission()
             if now < until:
-                return Admission(hold=until - now)
+                return Admission(hold=min(until - now, limits.cooldown))
             if self._probe_until.get(name, 0.0) > now:
                 return Admission(hold=min(PROBE_WAIT, limits.cooldown))
             self._probe_until[name] = now + limits.cooldown
@@ -226,7 +228,7 @@ class RedisBreakers:
             return Admission(probe=True)
         if verdict == "wait":
             return Admission(hold=min(PROBE_WAIT, limits.cooldown))
-        return Admission(hold=float(hold))
+        return Admission(hold=min(float(hold), limits.cooldown))
 
     def record(
         self, name: str, ok: bool, probe: bool, now: float, limits: Limits

@@ -76,6 +76,10 @@ class Registry:
         """Every subscriber pool with the event types it subscribes to."""
         return {pool: self.subscriptions(pool) for pool in {o for _, o in self._subscribers}}
 
+    def handlers(self) -> list[Handler]:
+        """Every handler: each command's and query's owner, then each pool's of each event."""
+        return [*self._owners.values(), *self._subscribers.values()]
+
     def partitioned_services(self) -> list[str]:
         """Every service owning a contract that declares a partition key: it has partition queues."""
         return sorted({h.owner for h in self._owners.values() if h.contract.__partition_key__})

@@ -12,16 +12,18 @@ backlog passes through the pool once per cool-down, 3 s here against 30 s by def
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 
 from config.pools import Pool
-from postroom import MessageBus
+from postroom import MessageBus, installation
 from postroom.breakers import RedisBreakers
 from postroom.reliability import reliability
 from tests.integration.services import DOWNSTREAM_BREAKER, SERVICE, CallDownstream, Echo
-from tests.support import BrokerContext, wait_for
+from tests.support import ROOT, BrokerContext, run_python, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 
@@ -72,6 +74,10 @@ def test_an_outage_is_waited_out_in_the_broker_and_the_backlog_drains_after_it(
     assert logs.count(f"breaker {BREAKER} opened after") == 1  # one worker opened it, for all
     assert logs.count(f"breaker {BREAKER} closed") == 1
     assert failed_probes >= 1
+    assert _announced(broker) == [
+        ("postroom.CircuitOpened", "the downstream does not answer"),
+        ("postroom.CircuitClosed", ""),
+    ]
     runs_while_down = int(state.get(broker.key(SERVICE, "downstream", "runs_while_down")) or 0)
     assert DOWNSTREAM_BREAKER.failures is not None
     assert runs_while_down <= DOWNSTREAM_BREAKER.failures + failed_probes + (PROCESSES - 1)
@@ -80,3 +86,49 @@ def test_an_outage_is_waited_out_in_the_broker_and_the_backlog_drains_after_it(
 def _status(breakers: RedisBreakers) -> str:
     found = [s for s in breakers.states() if s.name == BREAKER]
     return found[0].status(time.time()) if found else "closed"
+
+
+def test_a_breaker_opened_by_hand_holds_its_messages_until_closed_by_hand(
+    bus: MessageBus, broker: BrokerContext
+) -> None:
+    state = broker.state()
+    done = broker.key(SERVICE, "downstream", "done")
+    assert f"{BREAKER} " in _postroom(broker, "breakers")
+    assert "opened" in _postroom(broker, "breakers", "open", BREAKER)
+    listed = _postroom(broker, "breakers", "list").split()
+    assert listed[:2] == [BREAKER, "open"]
+    assert "until closed by hand" in " ".join(listed)
+    before = int(state.get(done) or 0)
+    pending = bus.send(CallDownstream(n=-1))
+    for n in range(20):  # the pool answers the rest meanwhile
+        assert bus.send(Echo(text=f"ping {n}")).reply(timeout=30).status == "succeeded"
+    assert int(state.get(done) or 0) == before  # held, not run
+    assert "closed" in _postroom(broker, "breakers", "close", BREAKER)
+    assert pending.reply(timeout=60).status == "succeeded"
+    assert int(state.get(done) or 0) == before + 1
+    assert _announced(broker)[-2:] == [
+        ("postroom.CircuitOpened", "opened by hand"),
+        ("postroom.CircuitClosed", ""),
+    ]
+
+
+def test_the_command_refuses_a_handler_without_a_breaker(broker: BrokerContext) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "breakers", "open", "probe:probe.Echo"],
+        cwd=ROOT, env=broker.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "has a circuit breaker" in done.stderr
+
+
+def _announced(broker: BrokerContext) -> list[tuple[str, str]]:
+    """The CircuitOpened and CircuitClosed events in the event log, oldest first."""
+    return [
+        (e.message_type, e.payload.get("error_message", ""))
+        for e in installation(broker.app).event_log.tail(100_000)
+        if e.message_type.startswith("postroom.Circuit")
+    ]
+
+
+def _postroom(broker: BrokerContext, *args: str) -> str:
+    return run_python(broker.env, "-m", "workers.cli", *args)

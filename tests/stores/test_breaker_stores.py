@@ -86,7 +86,12 @@ def test_a_probe_whose_worker_died_gives_way_after_a_cooldown(store: BreakerStor
 
 
 def test_it_can_be_opened_and_closed_by_hand(store: BreakerStore) -> None:
-    store.force(NAME, 100.0)
-    assert store.admit(NAME, 40.0, LIMITS).hold == pytest.approx(60.0)
+    store.force(NAME, 45.0)
+    assert store.admit(NAME, 40.0, LIMITS).hold == pytest.approx(5.0)
     store.force(NAME, 0.0)
     assert store.admit(NAME, 40.0, LIMITS).hold is None
+
+
+def test_a_message_is_never_held_longer_than_a_cooldown(store: BreakerStore) -> None:
+    store.force(NAME, 1e9)  # opened by hand, until closed by hand
+    assert store.admit(NAME, 40.0, LIMITS).hold == LIMITS.cooldown
