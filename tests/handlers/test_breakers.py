@@ -3,7 +3,10 @@ nothing, and every run of the handler is counted."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import redis
 
 from postroom import (
     CircuitBreaker,
@@ -17,6 +20,7 @@ from postroom import (
     handles,
     subscribes,
 )
+from postroom.breakers import Admission, Breakers, Change, Limits, MemoryBreakers
 from postroom.testing import Harness
 
 SERVICE = "breakered"
@@ -48,6 +52,10 @@ class Plain(Command, service=SERVICE):
 
 class Unguarded(Command, service=SERVICE):
     n: int
+
+
+class Settle(Command, service=SERVICE, partition_key="account"):
+    account: str
 
 
 class Charged(Event, service=SERVICE):
@@ -95,6 +103,11 @@ def plain(cmd: Plain, ctx: object) -> int:
 def unguarded(cmd: Unguarded, ctx: object) -> int:
     _downstream(HARNESS[0].clock.now, "unguarded")
     return cmd.n
+
+
+@handles(Settle, breaker=CircuitBreaker(failures=1, cooldown=10))
+def settle(cmd: Settle, ctx: object) -> None:
+    _downstream(HARNESS[0].clock.now, "settle")
 
 
 @subscribes(Charged, pool="ledger", breaker=CircuitBreaker(failures=2, cooldown=5))
@@ -214,3 +227,29 @@ def test_without_a_declaration_or_a_setting_there_is_no_breaker(harness: Harness
     assert {s.reply().status for s in sent} == {"succeeded"}
     assert _runs("plain", before=0.5) == 10
     assert harness.events(CircuitOpened) == []
+
+
+def test_a_partitioned_command_is_never_held(harness: Harness) -> None:
+    outage["until"] = 3.0
+    sent = [harness.send(Settle(account="a")) for _ in range(3)]
+    assert [s.reply().status for s in sent] == ["succeeded"] * 3
+    # retried in place, in order, as if it had no breaker: it keeps its partition's order
+    assert harness.events(CircuitOpened) == []
+
+
+class Unreachable(MemoryBreakers):
+    def admit(self, name: str, now: float, limits: Limits) -> Admission:
+        raise redis.exceptions.ConnectionError("the state Redis is away")
+
+    def record(
+        self, name: str, ok: bool, probe: bool, now: float, limits: Limits
+    ) -> tuple[Change, int]:
+        raise redis.exceptions.ConnectionError("the state Redis is away")
+
+
+def test_a_breaker_whose_state_cannot_be_reached_stands_aside(harness: Harness) -> None:
+    harness.runtime = replace(harness.runtime, breakers=Breakers(Unreachable()))
+    outage["until"] = 1.0
+    sent = [harness.send(Charge(n=n)) for n in range(5)]
+    assert [s.reply().status for s in sent] == ["succeeded"] * 5
+    assert _runs("charge", before=0.5) == 5  # none was held
