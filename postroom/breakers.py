@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 PROBE_WAIT = 1.0
 #: failures in a row that open a breaker declared with ``breaker=True`` and no setting
 DEFAULT_FAILURES = 5
+#: runs a window must have seen before its failure ratio can open a breaker
+MIN_CALLS = 10
 
 Change = Literal["", "opened", "reopened", "closed"]
 
@@ -45,16 +47,26 @@ Change = Literal["", "opened", "reopened", "closed"]
 @dataclass(frozen=True)
 class CircuitBreaker:
     """A handler's breaker, as declared on ``@handles`` / ``@subscribes``: a field left None
-    takes the setting's value (POSTROOM_BREAKER_FAILURES, POSTROOM_BREAKER_COOLDOWN)."""
+    takes the setting's value (POSTROOM_BREAKER_FAILURES, _COOLDOWN, _RATIO, _WINDOW).
+
+    It opens after ``failures`` failures in a row, or once a window of ``window`` seconds (a
+    fixed one, started by its first run) has seen at least ``min_calls`` runs of which the
+    share ``ratio`` or more failed; ``ratio`` 0 leaves the second rule out."""
 
     failures: int | None = None  # consecutive failures that open it
     cooldown: float | None = None  # seconds it stays open before a probe
+    ratio: float | None = None  # failed share of a window's runs that opens it (0: never)
+    window: float | None = None  # seconds of that window
+    min_calls: int = MIN_CALLS  # runs a window needs before its ratio counts
 
 
 @dataclass(frozen=True)
 class Limits:
     failures: int
     cooldown: float
+    ratio: float = 0.0
+    window: float = 60.0
+    min_calls: int = MIN_CALLS
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,7 @@ class MemoryBreakers:
         self._failures: dict[str, int] = {}
         self._open_until: dict[str, float] = {}
         self._probe_until: dict[str, float] = {}
+        self._window: dict[str, tuple[float, int, int]] = {}  # start, runs, failures
 
     def admit(self, name: str, now: float, limits: Limits) -> Admission:
         with self._lock:
@@ -126,26 +139,37 @@ class MemoryBreakers:
         with self._lock:
             until = self._open_until.get(name, 0.0)
             failures = self._failures.get(name, 0)
-            if ok:
-                if probe and until:
+            if probe and until:
+                self._probe_until.pop(name, None)
+                if ok:
                     self._open_until[name] = 0.0
                     self._failures[name] = 0
-                    self._probe_until.pop(name, None)
+                    self._window.pop(name, None)
                     return "closed", failures
-                if not until:
-                    self._failures[name] = 0
-                return "", 0
-            if probe:
                 self._open_until[name] = now + limits.cooldown
-                self._probe_until.pop(name, None)
                 return "reopened", failures
             if until:
                 return "", failures  # a run begun before it opened
-            failures = self._failures[name] = failures + 1
-            if failures >= limits.failures:
+            failures = self._failures[name] = 0 if ok else failures + 1
+            failed_share = self._count(name, ok, now, limits)
+            if not ok and (failures >= limits.failures or failed_share is not None):
                 self._open_until[name] = now + limits.cooldown
-                return "opened", failures
+                self._window.pop(name, None)
+                return "opened", failed_share or failures
             return "", failures
+
+    def _count(self, name: str, ok: bool, now: float, limits: Limits) -> int | None:
+        """Counts a run in its window; the window's failures if they now open the breaker."""
+        if limits.ratio <= 0:
+            return None
+        start, runs, failed = self._window.get(name, (now, 0, 0))
+        if now - start >= limits.window:
+            start, runs, failed = now, 0, 0
+        runs, failed = runs + 1, failed + (not ok)
+        self._window[name] = (start, runs, failed)
+        if runs >= limits.min_calls and failed >= limits.ratio * runs:
+            return failed
+        return None
 
     def states(self) -> list[State]:
         with self._lock:
@@ -157,6 +181,7 @@ class MemoryBreakers:
             self._open_until[name] = open_until
             self._failures[name] = 0
             self._probe_until.pop(name, None)
+            self._window.pop(name, None)
 
 
 #: KEYS: the breaker's hash, its probe lease. ARGV: now, lease (ms), a token.
@@ -169,30 +194,44 @@ if redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[2]) then return {'probe'
 return {'wait', ''}
 """
 
-#: KEYS: the hash, the lease, the index of names. ARGV: ok, probe, threshold, open until, name.
+#: KEYS: the hash, the lease, the index of names. ARGV: ok, probe, threshold, open until, name,
+#: now, ratio, window, min calls. Returns the change and the failures that made it.
 _RECORD = """
 redis.call('SADD', KEYS[3], ARGV[5])
 local opened = tonumber(redis.call('HGET', KEYS[1], 'open_until') or '0')
 local failures = tonumber(redis.call('HGET', KEYS[1], 'failures') or '0')
-if ARGV[1] == '1' then
-  if ARGV[2] == '1' and opened > 0 then
-    redis.call('HSET', KEYS[1], 'failures', 0, 'open_until', 0)
-    redis.call('DEL', KEYS[2])
+local ok = ARGV[1] == '1'
+if ARGV[2] == '1' and opened > 0 then
+  redis.call('DEL', KEYS[2])
+  if ok then
+    redis.call('HSET', KEYS[1], 'failures', 0, 'open_until', 0, 'runs', 0, 'failed', 0)
     return {'closed', failures}
   end
-  if opened == 0 and failures > 0 then redis.call('HSET', KEYS[1], 'failures', 0) end
-  return {'', 0}
-end
-if ARGV[2] == '1' then
   redis.call('HSET', KEYS[1], 'open_until', ARGV[4])
-  redis.call('DEL', KEYS[2])
   return {'reopened', failures}
 end
 if opened > 0 then return {'', failures} end
-failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
-if failures >= tonumber(ARGV[3]) then
-  redis.call('HSET', KEYS[1], 'open_until', ARGV[4])
-  return {'opened', failures}
+if ok then
+  if failures > 0 then redis.call('HSET', KEYS[1], 'failures', 0) end
+  failures = 0
+else
+  failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+end
+local share = false
+local ratio = tonumber(ARGV[7])
+if ratio > 0 then
+  local now = tonumber(ARGV[6])
+  local start = tonumber(redis.call('HGET', KEYS[1], 'window_start') or '0')
+  if now - start >= tonumber(ARGV[8]) then
+    redis.call('HSET', KEYS[1], 'window_start', ARGV[6], 'runs', 0, 'failed', 0)
+  end
+  local runs = redis.call('HINCRBY', KEYS[1], 'runs', 1)
+  local failed = redis.call('HINCRBY', KEYS[1], 'failed', ok and 0 or 1)
+  if runs >= tonumber(ARGV[9]) and failed >= ratio * runs then share = failed end
+end
+if not ok and (failures >= tonumber(ARGV[3]) or share) then
+  redis.call('HSET', KEYS[1], 'open_until', ARGV[4], 'window_start', 0, 'runs', 0, 'failed', 0)
+  return {'opened', share or failures}
 end
 return {'', failures}
 """
@@ -235,7 +274,17 @@ class RedisBreakers:
     ) -> tuple[Change, int]:
         change, failures = self._record(
             keys=[*self._keys(name), self._index],
-            args=[int(ok), int(probe), limits.failures, repr(now + limits.cooldown), name],
+            args=[
+                int(ok),
+                int(probe),
+                limits.failures,
+                repr(now + limits.cooldown),
+                name,
+                repr(now),
+                repr(limits.ratio),
+                repr(limits.window),
+                limits.min_calls,
+            ],
         )
         return str(change), int(failures)  # type: ignore[return-value]
 
@@ -253,7 +302,11 @@ class RedisBreakers:
     def force(self, name: str, open_until: float) -> None:
         with self.client.pipeline() as pipe:
             pipe.sadd(self._index, name)
-            pipe.hset(self._prefix + name, mapping={"failures": 0, "open_until": open_until})
+            pipe.hset(
+                self._prefix + name,
+                mapping={"failures": 0, "open_until": open_until, "window_start": 0, "runs": 0},
+            )
+            pipe.hset(self._prefix + name, "failed", 0)
             pipe.delete(self._prefix + name + ":probe")
             pipe.execute()
 
@@ -265,16 +318,22 @@ class Breakers:
     store: BreakerStore
     failures: int = 0  # 0: no breaker for a handler that does not declare one
     cooldown: float = 30.0
+    ratio: float = 0.0
+    window: float = 60.0
 
     def limits(self, handler: Handler | None) -> Limits | None:
         """The limits of ``handler``'s breaker, or None if it has none."""
         declared = None if handler is None else handler.breaker
         if handler is None or declared is False:
             return None
-        if declared is None and self.failures <= 0:
+        if declared is None and self.failures <= 0 and self.ratio <= 0:
             return None
         if not isinstance(declared, CircuitBreaker):
             declared = CircuitBreaker()
-        failures = declared.failures or self.failures or DEFAULT_FAILURES
-        cooldown = self.cooldown if declared.cooldown is None else declared.cooldown
-        return Limits(failures, cooldown)
+        return Limits(
+            failures=declared.failures or self.failures or DEFAULT_FAILURES,
+            cooldown=self.cooldown if declared.cooldown is None else declared.cooldown,
+            ratio=self.ratio if declared.ratio is None else declared.ratio,
+            window=self.window if declared.window is None else declared.window,
+            min_calls=declared.min_calls,
+        )

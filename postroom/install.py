@@ -106,6 +106,8 @@ class Installation:
             RedisBreakers(self.reliability.client, s.namespace),
             failures=s.breaker_failures,
             cooldown=s.breaker_cooldown,
+            ratio=s.breaker_ratio,
+            window=s.breaker_window,
         )
 
 

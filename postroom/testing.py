@@ -114,6 +114,8 @@ class Harness:
         partitions: int = 4,
         breaker_failures: int = 0,
         breaker_cooldown: float = 30.0,
+        breaker_ratio: float = 0.0,
+        breaker_window: float = 60.0,
     ) -> None:
         self.clock = FakeClock()
         self.inbox = MemoryInbox(state)
@@ -131,7 +133,13 @@ class Harness:
             sleep=self.clock.sleep,
             clock=lambda: self.clock.now,
             stores=dict(stores or {}),
-            breakers=Breakers(MemoryBreakers(), breaker_failures, breaker_cooldown),
+            breakers=Breakers(
+                MemoryBreakers(),
+                breaker_failures,
+                breaker_cooldown,
+                breaker_ratio,
+                breaker_window,
+            ),
         )
         self.pipeline = Pipeline(default_steps(steps))
         self.replies: dict[str, Reply] = {}

@@ -58,6 +58,14 @@ class Settle(Command, service=SERVICE, partition_key="account"):
     account: str
 
 
+class Wobble(Command, service=SERVICE):
+    n: int
+
+
+class Defaulted(Command, service=SERVICE):
+    n: int
+
+
 class Charged(Event, service=SERVICE):
     n: int
 
@@ -108,6 +116,20 @@ def unguarded(cmd: Unguarded, ctx: object) -> int:
 @handles(Settle, breaker=CircuitBreaker(failures=1, cooldown=10))
 def settle(cmd: Settle, ctx: object) -> None:
     _downstream(HARNESS[0].clock.now, "settle")
+
+
+@handles(Wobble, breaker=CircuitBreaker(failures=100, cooldown=10, ratio=0.5, window=60))
+def wobble(cmd: Wobble, ctx: object) -> None:
+    """Fails every other run while the downstream is unwell: never three in a row."""
+    runs.append(("wobble", HARNESS[0].clock.now))
+    if HARNESS[0].clock.now < outage["until"] and _runs("wobble") % 2:
+        raise TransientError("every other call times out")
+
+
+@handles(Defaulted, breaker=True)
+def defaulted(cmd: Defaulted, ctx: object) -> int:
+    _downstream(HARNESS[0].clock.now, "defaulted")
+    return cmd.n
 
 
 @subscribes(Charged, pool="ledger", breaker=CircuitBreaker(failures=2, cooldown=5))
@@ -253,3 +275,28 @@ def test_a_breaker_whose_state_cannot_be_reached_stands_aside(harness: Harness) 
     sent = [harness.send(Charge(n=n)) for n in range(5)]
     assert [s.reply().status for s in sent] == ["succeeded"] * 5
     assert _runs("charge", before=0.5) == 5  # none was held
+
+
+def test_a_failure_ratio_opens_it_with_no_long_run_of_failures(harness: Harness) -> None:
+    outage["until"] = 25.0
+    sent = [harness.send(Wobble(n=n)) for n in range(30)]
+    assert {s.reply().status for s in sent} == {"succeeded"}
+    assert harness.dead_letters == []
+    opened = harness.events(CircuitOpened)
+    assert opened  # each time a window's 10 runs or more had half of them fail
+    assert {o.failures >= 5 for o in opened} == {True}
+    assert len(harness.events(CircuitClosed)) == len(opened)
+    # the 11th run, the 6th to fail, opened it at 0 s (it opens on a failure); then nothing
+    # ran until the probe at 10 s
+    assert _runs("wobble", before=0.1) == 11
+    assert not [at for who, at in runs if who == "wobble" and 0 < at < 10]
+
+
+def test_a_breaker_declared_with_true_and_no_setting_opens_after_five_for_30_s(
+    harness: Harness,
+) -> None:
+    outage["until"] = 40.0
+    sent = [harness.send(Defaulted(n=n)) for n in range(20)]
+    assert {s.reply().status for s in sent} == {"succeeded"}
+    assert _runs("defaulted", before=40.0) == 5 + 1  # one probe, at 30 s
+    assert [(o.failures, o.cooldown) for o in harness.events(CircuitOpened)] == [(5, 30.0)]

@@ -95,3 +95,34 @@ def test_it_can_be_opened_and_closed_by_hand(store: BreakerStore) -> None:
 def test_a_message_is_never_held_longer_than_a_cooldown(store: BreakerStore) -> None:
     store.force(NAME, 1e9)  # opened by hand, until closed by hand
     assert store.admit(NAME, 40.0, LIMITS).hold == LIMITS.cooldown
+
+
+RATIO = Limits(failures=100, cooldown=10.0, ratio=0.5, window=60.0, min_calls=10)
+
+
+def _run(store: BreakerStore, ok: bool, now: float) -> tuple[str, int]:
+    return store.record(NAME, ok, False, now, RATIO)
+
+
+def test_a_failure_ratio_over_a_window_opens_it_once_the_window_saw_enough_runs(
+    store: BreakerStore,
+) -> None:
+    changes = [_run(store, n % 2 == 0, 1.0 + n)[0] for n in range(9)]  # 4 of 9 failed
+    assert changes == [""] * 9
+    assert _run(store, False, 10.0) == ("opened", 5)  # 5 of 10: half
+    assert store.admit(NAME, 10.0, RATIO).hold == pytest.approx(10.0)
+
+
+def test_the_window_starts_again_once_it_is_over(store: BreakerStore) -> None:
+    for n in range(9):
+        _run(store, n % 3 != 0, 0.0 + n)  # 3 of 9 failed
+    # a new window at 60 s: its runs alone count, and 1 failure of 1 run is not enough runs
+    assert _run(store, False, 60.0)[0] == ""
+    assert [_run(store, True, 61.0 + n)[0] for n in range(8)] == [""] * 8
+    assert _run(store, False, 70.0)[0] == ""  # 2 of 10 failed
+    assert store.admit(NAME, 70.0, RATIO).hold is None
+
+
+def test_without_a_ratio_no_window_is_counted(store: BreakerStore) -> None:
+    for n in range(20):
+        assert store.record(NAME, n % 2 == 0, False, float(n), LIMITS)[0] == ""
