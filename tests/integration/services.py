@@ -128,6 +128,21 @@ def call_downstream(cmd: CallDownstream, ctx: HandlerContext) -> dict[str, int]:
     return {"n": cmd.n}
 
 
+class DownstreamNoticed(Event, service=SERVICE):
+    """Delivered to pool_a, whose handler calls the same downstream, behind a breaker too."""
+
+    n: int
+
+
+@subscribes(DownstreamNoticed, pool="pool_a", breaker=DOWNSTREAM_BREAKER)
+def notice_downstream(event: DownstreamNoticed, ctx: HandlerContext) -> None:
+    db = client()
+    if db.exists(key(SERVICE, "downstream", "down")):
+        db.incr(key(SERVICE, "downstream", "event_runs_while_down"))
+        raise TransientError("the downstream does not answer")
+    ctx.transaction().incr(key(SERVICE, "downstream", "events_done"))
+
+
 @handles(Echo)
 def echo(cmd: Echo, ctx: HandlerContext) -> dict[str, object]:
     return {"text": cmd.text, "envelope": ctx.envelope.to_headers(), "attempt": ctx.attempt}

@@ -22,7 +22,13 @@ from config.pools import Pool
 from postroom import MessageBus, installation
 from postroom.breakers import RedisBreakers
 from postroom.reliability import reliability
-from tests.integration.services import DOWNSTREAM_BREAKER, SERVICE, CallDownstream, Echo
+from tests.integration.services import (
+    DOWNSTREAM_BREAKER,
+    SERVICE,
+    CallDownstream,
+    DownstreamNoticed,
+    Echo,
+)
 from tests.support import ROOT, BrokerContext, run_python, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
@@ -39,6 +45,7 @@ BREAKER = f"{SERVICE}:{CallDownstream.__message_type__}"
 def bus(broker: BrokerContext) -> MessageBus:
     for name in ("probe", "probe-twin"):
         broker.start_worker(Pool(name, ("commands.probe",), concurrency=PROCESSES // 2))
+    broker.start_worker(Pool("pool_a", ("events.pool_a",), concurrency=1))
     return MessageBus(broker.app, source="tests")
 
 
@@ -69,7 +76,7 @@ def test_an_outage_is_waited_out_in_the_broker_and_the_backlog_drains_after_it(
     assert answered > 0
     wait_for(lambda: _status(breakers) == "closed", timeout=30)
 
-    logs = "".join(worker.output() for worker in broker.workers)
+    logs = _logs(broker)
     failed_probes = logs.count(f"breaker {BREAKER} probe failed")
     assert logs.count(f"breaker {BREAKER} opened after") == 1  # one worker opened it, for all
     assert logs.count(f"breaker {BREAKER} closed") == 1
@@ -83,9 +90,37 @@ def test_an_outage_is_waited_out_in_the_broker_and_the_backlog_drains_after_it(
     assert runs_while_down <= DOWNSTREAM_BREAKER.failures + failed_probes + (PROCESSES - 1)
 
 
-def _status(breakers: RedisBreakers) -> str:
-    found = [s for s in breakers.states() if s.name == BREAKER]
+def _logs(broker: BrokerContext) -> str:
+    return "".join(worker.output() for worker in broker.workers)
+
+
+def _status(breakers: RedisBreakers, name: str = BREAKER) -> str:
+    found = [s for s in breakers.states() if s.name == name]
     return found[0].status(time.time()) if found else "closed"
+
+
+def test_a_pools_event_handler_waits_out_an_outage_with_its_own_breaker(
+    bus: MessageBus, broker: BrokerContext
+) -> None:
+    """One process: no run was under way when it opened, so the bound is failures + probes."""
+    state = broker.state()
+    down = broker.key(SERVICE, "downstream", "down")
+    breakers = RedisBreakers(state, broker.namespace)
+    name = f"pool_a:{DownstreamNoticed.__message_type__}"
+    state.set(down, 1)
+    for n in range(50):
+        bus.publish(DownstreamNoticed(n=n))
+    wait_for(lambda: _status(breakers, name) in {"open", "half-open"}, timeout=60)
+    wait_for(lambda: _logs(broker).count(f"breaker {name} probe failed") >= 1, timeout=60)
+    state.delete(down)
+    done = broker.key(SERVICE, "downstream", "events_done")
+    wait_for(lambda: state.get(done) == "50", timeout=90)
+    wait_for(lambda: _status(breakers, name) == "closed", timeout=30)
+    assert reliability(broker.app).dead_letters.ids() == []
+    failed_probes = _logs(broker).count(f"breaker {name} probe failed")
+    runs_while_down = int(state.get(broker.key(SERVICE, "downstream", "event_runs_while_down")))
+    assert DOWNSTREAM_BREAKER.failures is not None
+    assert runs_while_down <= DOWNSTREAM_BREAKER.failures + failed_probes
 
 
 def test_a_breaker_opened_by_hand_holds_its_messages_until_closed_by_hand(
@@ -95,9 +130,11 @@ def test_a_breaker_opened_by_hand_holds_its_messages_until_closed_by_hand(
     done = broker.key(SERVICE, "downstream", "done")
     assert f"{BREAKER} " in _postroom(broker, "breakers")
     assert "opened" in _postroom(broker, "breakers", "open", BREAKER)
-    listed = _postroom(broker, "breakers", "list").split()
-    assert listed[:2] == [BREAKER, "open"]
-    assert "until closed by hand" in " ".join(listed)
+    (listed,) = [
+        line for line in _postroom(broker, "breakers", "list").splitlines() if BREAKER in line
+    ]
+    assert listed.split()[:2] == [BREAKER, "open"]
+    assert "until closed by hand" in listed
     before = int(state.get(done) or 0)
     pending = bus.send(CallDownstream(n=-1))
     for n in range(20):  # the pool answers the rest meanwhile
@@ -122,11 +159,12 @@ def test_the_command_refuses_a_handler_without_a_breaker(broker: BrokerContext) 
 
 
 def _announced(broker: BrokerContext) -> list[tuple[str, str]]:
-    """The CircuitOpened and CircuitClosed events in the event log, oldest first."""
+    """CallDownstream's CircuitOpened and CircuitClosed events in the event log, oldest first."""
     return [
         (e.message_type, e.payload.get("error_message", ""))
         for e in installation(broker.app).event_log.tail(100_000)
         if e.message_type.startswith("postroom.Circuit")
+        and e.payload["message_type"] == CallDownstream.__message_type__
     ]
 
 
