@@ -1,5 +1,6 @@
 """postroom: the command / reply / event model of distributed messaging, made real on Celery."""
 
+from postroom.breakers import CircuitBreaker
 from postroom.bus import MessageBus, PendingReply
 from postroom.errors import (
     ContractError,
@@ -18,7 +19,16 @@ from postroom.errors import (
 from postroom.handlers import handles, subscribes
 from postroom.headers import Envelope, uuid7
 from postroom.install import Installation, install, installation
-from postroom.messages import Command, ErrorInfo, Event, Query, Reply, upcaster
+from postroom.messages import (
+    CircuitClosed,
+    CircuitOpened,
+    Command,
+    ErrorInfo,
+    Event,
+    Query,
+    Reply,
+    upcaster,
+)
 from postroom.pipeline import Delivery, HandlerContext, Outcome, Step
 from postroom.retries import RetryPolicy
 from postroom.settings import Settings
@@ -27,6 +37,9 @@ from postroom.settings import Settings
 bus = MessageBus()
 
 __all__ = [
+    "CircuitBreaker",
+    "CircuitClosed",
+    "CircuitOpened",
     "Command",
     "ContractError",
     "Delivery",

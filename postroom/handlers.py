@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from postroom._celery.tasks import register_task
+from postroom.breakers import CircuitBreaker
 from postroom.errors import ContractError
 from postroom.messages import Command, Event, Message, Query
 from postroom.pipeline import kind_of
@@ -19,10 +20,18 @@ from postroom.registry import Handler, registry
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def handles(contract: type[Message], *, service: str | None = None) -> Callable[[F], F]:
+def handles(
+    contract: type[Message],
+    *,
+    service: str | None = None,
+    breaker: CircuitBreaker | bool | None = None,
+) -> Callable[[F], F]:
     """Make ``fn(message, ctx)`` the one handler of a command or query type, run as a Celery task.
 
     The task is named after the contract's type and consumed from ``commands.<service>``.
+    ``breaker``: its circuit breaker (postroom.breakers): a ``CircuitBreaker(failures=...,
+    cooldown=...)``, True for the settings' limits, False for none; None (the default) gives it
+    one only if POSTROOM_BREAKER_FAILURES is set.
     """
     if not (isinstance(contract, type) and issubclass(contract, Command | Query)):
         raise ContractError(
@@ -37,7 +46,7 @@ def handles(contract: type[Message], *, service: str | None = None) -> Callable[
         )
 
     def decorate(fn: F) -> F:
-        handler = Handler(contract, fn, contract.__service__)
+        handler = Handler(contract, fn, contract.__service__, breaker)
         registry.add_owner(handler)
         register_task(
             contract.__message_type__, kind_of(contract), fn.__module__, fn.__doc__, handler=handler
@@ -47,8 +56,12 @@ def handles(contract: type[Message], *, service: str | None = None) -> Callable[
     return decorate
 
 
-def subscribes(event: type[Event], *, pool: str) -> Callable[[F], F]:
-    """Make ``fn(event, ctx)`` pool ``pool``'s handler of an event type; any number of pools may."""
+def subscribes(
+    event: type[Event], *, pool: str, breaker: CircuitBreaker | bool | None = None
+) -> Callable[[F], F]:
+    """Make ``fn(event, ctx)`` pool ``pool``'s handler of an event type; any number of pools may.
+
+    ``breaker`` as for ``@handles``: one per pool's handler."""
     if not (isinstance(event, type) and issubclass(event, Event)):
         raise ContractError(
             f"@subscribes takes an Event class, not {event!r}; commands and queries have one "
@@ -57,7 +70,7 @@ def subscribes(event: type[Event], *, pool: str) -> Callable[[F], F]:
 
     def decorate(fn: F) -> F:
         first = not registry.pools_subscribed(event.__message_type__)
-        registry.add_subscriber(Handler(event, fn, pool))
+        registry.add_subscriber(Handler(event, fn, pool, breaker))
         if first:  # one task per event type; each worker runs its own pool's handler
             register_task(
                 event.__message_type__,

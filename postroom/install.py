@@ -28,6 +28,7 @@ from postroom._celery.bootsteps import (
     PartitionLeasing,
     consume_unrouted,
 )
+from postroom.breakers import Breakers, RedisBreakers
 from postroom.errors import NotInstalled
 from postroom.eventlog import RedisStreamStore
 from postroom.outbox import Removals
@@ -94,6 +95,19 @@ class Installation:
             signer=self.signer,
             stores=dict(self.stores),
             removals=Removals(),
+            breakers=self.breakers,
+        )
+
+    @cached_property
+    def breakers(self) -> Breakers:
+        """The handlers' circuit breakers, in the state Redis, shared by every worker."""
+        s = self.settings
+        return Breakers(
+            RedisBreakers(self.reliability.client, s.namespace),
+            failures=s.breaker_failures,
+            cooldown=s.breaker_cooldown,
+            ratio=s.breaker_ratio,
+            window=s.breaker_window,
         )
 
 

@@ -308,3 +308,21 @@ class CommandFailed(Event, service="postroom"):
     error_type: str
     error_message: str
     attempts: int
+
+
+class CircuitOpened(Event, service="postroom"):
+    """A handler's circuit breaker opened: its messages wait in the broker for ``cooldown`` s."""
+
+    owner: str  # the service or pool running the handler
+    message_type: str  # the type it handles
+    failures: int  # failures in a row that opened it
+    cooldown: float
+    error_type: str  # the last failure's
+    error_message: str
+
+
+class CircuitClosed(Event, service="postroom"):
+    """A handler's circuit breaker closed (its probe succeeded, or by hand): its backlog runs."""
+
+    owner: str
+    message_type: str

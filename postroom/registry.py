@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from postroom.breakers import CircuitBreaker
 from postroom.errors import DuplicateHandler
 from postroom.messages import Message
 
@@ -17,6 +18,9 @@ class Handler:
     contract: type[Message]
     fn: Callable[..., Any]
     owner: str  # the service for commands and queries, the pool for events
+    #: its circuit breaker: None the settings' (POSTROOM_BREAKER_FAILURES), False none, True or a
+    #: CircuitBreaker one of its own (see postroom.breakers)
+    breaker: CircuitBreaker | bool | None = None
 
     @property
     def where(self) -> str:
@@ -71,6 +75,10 @@ class Registry:
     def pools(self) -> dict[str, list[str]]:
         """Every subscriber pool with the event types it subscribes to."""
         return {pool: self.subscriptions(pool) for pool in {o for _, o in self._subscribers}}
+
+    def handlers(self) -> list[Handler]:
+        """Every handler: each command's and query's owner, then each pool's of each event."""
+        return [*self._owners.values(), *self._subscribers.values()]
 
     def partitioned_services(self) -> list[str]:
         """Every service owning a contract that declares a partition key: it has partition queues."""

@@ -105,6 +105,29 @@ class Settings(BaseSettings):
     retry_backoff_max: float = Field(
         60.0, description="longest delay between two retries, in seconds"
     )
+    breaker_failures: int = Field(
+        0,
+        ge=0,
+        description="failures in a row that open a handler's circuit breaker (its messages then wait in "
+        "the broker); 0 (and no `POSTROOM_BREAKER_RATIO`): a handler has a breaker only if it "
+        "declares one (`@handles(..., breaker=...)`)",
+    )
+    breaker_cooldown: float = Field(
+        30.0,
+        gt=0,
+        description="seconds an open circuit breaker holds its handler's messages before one runs as "
+        "a probe",
+    )
+    breaker_ratio: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="share of a handler's runs in a window that, failed, opens its circuit breaker "
+        "(once the window saw 10 runs); 0: failures in a row only",
+    )
+    breaker_window: float = Field(
+        60.0, gt=0, description="seconds of the window `POSTROOM_BREAKER_RATIO` is counted over"
+    )
     reply_ttl: int = Field(86400, description="seconds a reply is kept in the result backend")
     publish_retries: int = Field(
         10,

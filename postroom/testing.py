@@ -35,6 +35,7 @@ import orjson
 import pytest
 import redis
 
+from postroom.breakers import Breakers, MemoryBreakers
 from postroom.errors import InvalidMessage, ReplyTimeout, WrongMessageKind
 from postroom.headers import Envelope
 from postroom.messages import Command, Event, Message, Query, Reply
@@ -111,6 +112,10 @@ class Harness:
         steps: Sequence[Step] = (),
         source: str = "tests",
         partitions: int = 4,
+        breaker_failures: int = 0,
+        breaker_cooldown: float = 30.0,
+        breaker_ratio: float = 0.0,
+        breaker_window: float = 60.0,
     ) -> None:
         self.clock = FakeClock()
         self.inbox = MemoryInbox(state)
@@ -126,7 +131,15 @@ class Harness:
             poison_after=poison_after,
             signer=self.signer,
             sleep=self.clock.sleep,
+            clock=lambda: self.clock.now,
             stores=dict(stores or {}),
+            breakers=Breakers(
+                MemoryBreakers(),
+                breaker_failures,
+                breaker_cooldown,
+                breaker_ratio,
+                breaker_window,
+            ),
         )
         self.pipeline = Pipeline(default_steps(steps))
         self.replies: dict[str, Reply] = {}
@@ -245,9 +258,9 @@ class Harness:
         outcome = self.pipeline(delivery)
         for deferred in delivery.after_reply:
             deferred()
-        if outcome.status == "retry":
+        if outcome.status in {"retry", "held"}:  # held: its breaker is open, the same attempt
             again = _fresh(delivery)
-            again.attempt = delivery.attempt + 1
+            again.attempt = delivery.attempt + (outcome.status == "retry")
             self._enqueue(again, delay=outcome.delay)
         elif outcome.reply is not None:
             reply = Reply.model_validate(outcome.reply)

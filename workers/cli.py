@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from postroom import MessageBus, installation, schema
-from workers import dlq, events, trace
+from workers import breakers, dlq, events, trace
 from workers.deployment import (
     Deployment,
     add_app_argument,
@@ -238,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     )
     schemas.set_defaults(run=_schema)
     dlq.add_parser(sub)
+    breakers.add_parser(sub)
     trace.add_parser(sub)
     events.add_parser(sub)
     return root
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     deployment = load_or_exit(args.app)
     if args.command == "dlq":
         return dlq.run(deployment.app, args)
+    if args.command == "breakers":
+        return breakers.run(deployment.app, args)
     if args.command == "events":
         return events.run(deployment.app, args)
     if args.command == "trace":

@@ -13,7 +13,8 @@ store at each scrape:
                                                duration (per message_type, pool)      │
   broker <─────── LLEN or passive declare ───> queue depth (per queue)                ├─> GET /metrics
   dead-letter store <── letters not seen yet > dead letters (per message_type,        │
-                                               owner, reason)                         ┘
+                                               owner, reason)                         │
+  state Redis <── circuit breakers ──────────> breaker open (per message_type, owner) ┘
 ```
 
 Counters start at zero when the exporter starts and count what it saw (Prometheus' ``rate()``
@@ -27,6 +28,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -44,6 +46,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from postroom.breakers import Breakers, breaker_name
+from postroom.install import installation
+from postroom.registry import registry
 from postroom.reliability import DeadLetters, reliability
 from postroom.settings import Settings
 from workers.deployment import add_server_arguments, load_or_exit, overridden
@@ -273,6 +278,44 @@ class DeadLetterCounts(Collector):
         return message_type if self._known_types(message_type) else UNKNOWN
 
 
+class BreakerStates(Collector):
+    """``postroom_breaker_open{message_type, owner}``: 1 while a handler's circuit breaker is
+    open or half-open (its messages wait in the broker), 0 while it is closed; one series per
+    handler that has a breaker, read from the state Redis at each scrape."""
+
+    NAME = "postroom_breaker_open"
+    DOC = "1 while a handler's circuit breaker is open or half-open, 0 while it is closed."
+    LABELS = ("message_type", "owner")
+
+    def __init__(self, breakers: Callable[[], Breakers]) -> None:
+        self._breakers = breakers
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self.NAME, self.DOC, labels=self.LABELS)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.DOC, labels=self.LABELS)
+        breakers = self._breakers()
+        guarded = sorted(
+            (h.contract.__message_type__, h.owner)
+            for h in registry.handlers()
+            if breakers.limits(h) is not None
+        )
+        if not guarded:
+            return [family]
+        try:
+            states = {s.name: s for s in breakers.store.states()}
+        except redis.RedisError as exc:
+            logger.warning("cannot read the circuit breakers: %r", exc)
+            return []
+        now = time.time()
+        for message_type, owner in guarded:
+            state = states.get(breaker_name(owner, message_type))
+            is_open = state is not None and state.status(now) != "closed"
+            family.add_metric([message_type, owner], float(is_open))
+        return [family]
+
+
 class EventStream(threading.Thread):
     """Celery's event stream, consumed as Flower consumes it, reconnecting with backoff."""
 
@@ -327,10 +370,13 @@ class Exporter:
     def __init__(self, app: Celery) -> None:
         self.tasks = TaskMetrics()
         queues = [queue.name for queue in app.amqp.queues.values()]
-        self.collectors: tuple[Counter | Histogram | QueueDepths | DeadLetterCounts, ...] = (
+        self.collectors: tuple[
+            Counter | Histogram | QueueDepths | DeadLetterCounts | BreakerStates, ...
+        ] = (
             *self.tasks.metrics,
             QueueDepths(app, queues),
             DeadLetterCounts(lambda: reliability(app).dead_letters, lambda t: t in app.tasks),
+            BreakerStates(lambda: installation(app).breakers),
         )
         self.registry = CollectorRegistry()
         for collector in self.collectors:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -205,6 +206,13 @@ def level_for(remaining: float) -> int:
     else the smallest (a message is never delivered before it is due)."""
     fitting = [level for level in LEVELS if level <= remaining * 1000]
     return fitting[-1] if fitting else LEVELS[0]
+
+
+def spread(delay: float) -> float:
+    """What a message held by an open circuit breaker waits: ``delay``, plus up to a quarter
+    more at random, so that a held backlog does not reach its queue all at once, ahead of
+    every other message of the pool (the first to arrive is the probe)."""
+    return delay * (1 + random.uniform(0, 0.25))
 
 
 def _dead_lettering(queue_type: QueueType, **arguments: Any) -> dict[str, Any]:

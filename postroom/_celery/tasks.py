@@ -3,7 +3,8 @@
 A task's body builds a Delivery from Celery's request, runs the pipeline, and turns the Outcome
 into a task result: a reply returned (SUCCESS), a rejected or failed reply raised (FAILURE, so
 Flower shows it as such, the reply intact), a retry through ``Task.retry`` (RETRY), its backoff held
-by the broker (postroom._celery.delays).
+by the broker (postroom._celery.delays). A message its open breaker held is sent back through the
+broker the same way, as the same attempt, and acknowledged with no state recorded.
 
 Events: one task per event type; every worker process of a pool consumes that pool's queue only,
 so it knows its pool from the queue it was started on. The worker renames its delivery
@@ -120,13 +121,24 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         for deferred in getattr(self.request, "postroom_after_reply", ()):
             deferred()
 
-    def redelay(self, delivery: Delivery, due: float, retry: BaseException | None = None) -> None:
+    def redelay(
+        self,
+        delivery: Delivery,
+        due: float,
+        retry: BaseException | None = None,
+        *,
+        held: bool = False,
+    ) -> None:
         """Send this message back to its queue through the broker, due at ``due``: as a retry
         of ``retry`` (raises Celery's Retry), else as the same attempt, for a message that
-        arrived early (raises Ignore: acknowledged, no state recorded)."""
+        arrived early or that its open breaker ``held`` (raises Ignore: acknowledged, no state
+        recorded); a held one's wait is spread a little (``delays.spread``)."""
         from postroom.install import installation  # noqa: PLC0415 - install imports this module
 
         installed = installation(self.app)
+        if held:
+            now = time()
+            due = now + delays.spread(due - now)
         options = delays.route(
             installed.settings.broker_is_redis, delivery.queue, due, installed.queue_type
         )
@@ -138,6 +150,8 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> Any:
         """The outcome in Celery's terms: a result, a FAILURE carrying the reply, or a retry."""
+        if outcome.status == "held":  # its breaker is open: not run, the same attempt later
+            self.redelay(delivery, time() + outcome.delay, held=True)
         if outcome.status == "retry":
             # Task.retry() counts the retry and tells Flower (RETRY); its countdown would hold the
             # message in this worker, so the broker holds it instead (postroom._celery.delays),

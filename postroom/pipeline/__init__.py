@@ -3,7 +3,8 @@
 A Celery worker (postroom._celery) and the in-memory harness (postroom.testing) run the same
 steps, so what a handler test proves about dedupe, retries and commits holds on a real broker.
 Add your own step with ``postroom.install(app, settings, steps=[...])``: your steps run around
-the handler call, inside Retry and Commit, outermost first (see the README, "Pipeline steps").
+the handler call, inside Breaker, Retry and Commit, outermost first (see the README, "The
+handling pipeline").
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 
+from postroom.pipeline.breaker import Breaker
 from postroom.pipeline.context import HandlerContext
 from postroom.pipeline.delivery import Delivery, Kind, Outcome, Runtime, kind_of
 from postroom.pipeline.steps import (
@@ -33,6 +35,7 @@ from postroom.pipeline.steps import (
 )
 
 __all__ = [
+    "Breaker",
     "DeadLetter",
     "Delivery",
     "GiveUp",
@@ -61,6 +64,7 @@ def default_steps(extra: Sequence[Step] = ()) -> list[Step]:
         Validate(),
         Dedupe(),
         PoisonGuard(),
+        Breaker(),
         Retry(),
         Commit(),
         *extra,

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from postroom.breakers import Breakers, MemoryBreakers
 from postroom.headers import Envelope
 from postroom.messages import Command, Event, Message, Query
 from postroom.outbox import Relay, Removals
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
 
 Kind = Literal["command", "query", "event"]
 #: succeeded / rejected / failed: a command's or query's reply; handled: an event delivery done;
-#: retry: run again after ``Outcome.delay`` seconds, from the broker
-Status = Literal["succeeded", "rejected", "failed", "handled", "retry"]
+#: retry: run again after ``Outcome.delay`` seconds, from the broker; held: not run (its breaker
+#: is open), back from the broker after ``Outcome.delay`` seconds as the same attempt
+Status = Literal["succeeded", "rejected", "failed", "handled", "retry", "held"]
 
 
 class Publisher(Protocol):
@@ -63,6 +65,10 @@ class Runtime:
     poison_after: int = 3
     signer: Signer | None = None
     sleep: Callable[[float], None] = time.sleep
+    #: the time now, in seconds since the epoch (the harness's fake clock)
+    clock: Callable[[], float] = time.time
+    #: the handlers' circuit breakers (postroom.breakers)
+    breakers: Breakers = field(default_factory=lambda: Breakers(MemoryBreakers()))
     #: owners (services, pools) whose inbox, outbox and writes live elsewhere (a SQL database)
     stores: Mapping[str, InboxStore] = field(default_factory=dict)
     #: batches the removal of sent outbox entries (a worker's); None removes them at once
@@ -126,4 +132,4 @@ class Outcome:
     status: Status
     reply: dict[str, Any] | None = None  # a command's or query's Reply, as JSON
     error: BaseException | None = None
-    delay: float = 0.0  # with status "retry"
+    delay: float = 0.0  # with status "retry" or "held"

@@ -16,7 +16,16 @@ from typing import Any, Literal
 
 from celery.signals import task_prerun
 
-from postroom import Command, Event, HandlerContext, Rejected, TransientError, handles, subscribes
+from postroom import (
+    CircuitBreaker,
+    Command,
+    Event,
+    HandlerContext,
+    Rejected,
+    TransientError,
+    handles,
+    subscribes,
+)
 from postroom._celery import delays
 from postroom.messages import CommandFailed
 from postroom.outbox import Entry, Relay
@@ -115,6 +124,42 @@ class ProbeHappened(Event, service=SERVICE):
     fail_pool: str | None = None
     fail_times: int = 0
     hang_pool: str | None = None
+
+
+class CallDownstream(Command, service=SERVICE):
+    """Calls a downstream that does not answer (a transient error) while its ``down`` key is
+    set; counts its runs while it is down and its effects (with the inbox mark) once it is up."""
+
+    n: int
+
+
+#: CallDownstream's: a short cool-down, so an outage of a few seconds sees several probes
+DOWNSTREAM_BREAKER = CircuitBreaker(failures=3, cooldown=3.0)
+
+
+@handles(CallDownstream, breaker=DOWNSTREAM_BREAKER)
+def call_downstream(cmd: CallDownstream, ctx: HandlerContext) -> dict[str, int]:
+    db = client()
+    if db.exists(key(SERVICE, "downstream", "down")):
+        db.incr(key(SERVICE, "downstream", "runs_while_down"))
+        raise TransientError("the downstream does not answer")
+    ctx.transaction().incr(key(SERVICE, "downstream", "done"))
+    return {"n": cmd.n}
+
+
+class DownstreamNoticed(Event, service=SERVICE):
+    """Delivered to pool_a, whose handler calls the same downstream, behind a breaker too."""
+
+    n: int
+
+
+@subscribes(DownstreamNoticed, pool="pool_a", breaker=DOWNSTREAM_BREAKER)
+def notice_downstream(event: DownstreamNoticed, ctx: HandlerContext) -> None:
+    db = client()
+    if db.exists(key(SERVICE, "downstream", "down")):
+        db.incr(key(SERVICE, "downstream", "event_runs_while_down"))
+        raise TransientError("the downstream does not answer")
+    ctx.transaction().incr(key(SERVICE, "downstream", "events_done"))
 
 
 @handles(Echo)

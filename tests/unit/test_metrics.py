@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from config.celery import app
 from config.settings import Settings
-from workers.metrics import Exporter, TaskMetrics, labels_of
+from postroom import CircuitBreaker, Command, handles
+from postroom.breakers import Breakers, MemoryBreakers
+from workers.metrics import BreakerStates, Exporter, TaskMetrics, labels_of
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "postroom.json"
@@ -115,6 +118,7 @@ def test_every_dashboard_query_names_only_metrics_the_exporter_exports() -> None
         "postroom_message_duration_seconds_bucket",
         "postroom_queue_depth",
         "postroom_dead_letters",
+        "postroom_breaker_open",
     } <= seen
 
 
@@ -139,3 +143,25 @@ def test_the_scrape_config_targets_the_default_ports_and_flower_with_basic_auth(
     ]
     assert flower["metrics_path"] == "/metrics"
     assert set(flower["basic_auth"]) == {"username", "password_file"}
+
+
+class Gauged(Command, service="gauged"):
+    n: int
+
+
+@handles(Gauged, breaker=CircuitBreaker(failures=2, cooldown=30))
+def gauged(cmd: Gauged, ctx: object) -> None: ...
+
+
+def test_a_breaker_is_exported_as_open_while_it_holds_its_messages() -> None:
+    store = MemoryBreakers()
+    collector = BreakerStates(lambda: Breakers(store))
+
+    def series() -> dict[tuple[str, str], float]:
+        (family,) = collector.collect()
+        return {(s.labels["message_type"], s.labels["owner"]): s.value for s in family.samples}
+
+    assert series()[("gauged.Gauged", "gauged")] == 0.0
+    store.force("gauged:gauged.Gauged", time.time() + 60)
+    assert series()[("gauged.Gauged", "gauged")] == 1.0
+    assert ("probe.Echo", "probe") not in series()  # no breaker, no series
