@@ -45,11 +45,12 @@ def route(app: celery.Celery, command: Command | Query) -> Queue:
     """The queue a command goes to: its service's, or the partition queue its key hashes to."""
     contract = type(command)
     key = contract.__partition_key__
-    queue_type = installation(app).queue_type
+    installed = installation(app)
+    queue_type, limit = installed.queue_type, installed.delivery_limit
     if key is None:
-        return command_queue(contract.__service__, queue_type)
+        return command_queue(contract.__service__, queue_type, delivery_limit=limit)
     partition = partition_of(getattr(command, key), partition_count(app))
-    return partition_queue(contract.__service__, partition, queue_type)
+    return partition_queue(contract.__service__, partition, queue_type, delivery_limit=limit)
 
 
 class PendingReply:

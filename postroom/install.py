@@ -60,10 +60,13 @@ class Installation:
     retry: RetryPolicy = field(init=False)
     #: the type of every queue this deployment declares (see postroom.topology)
     queue_type: QueueType = field(init=False)
+    #: deliveries before RabbitMQ dead-letters a message to the given-up queue; 0: none
+    delivery_limit: int = field(init=False)
 
     def __post_init__(self) -> None:
         s = self.settings
         self.queue_type = s.declared_queue_type
+        self.delivery_limit = s.declared_delivery_limit
         self.reliability = Reliability(
             redis_url=s.state,
             namespace=s.namespace,
@@ -191,8 +194,9 @@ def install(
             tuple(registry.partitioned_services()),
             settings.partitions,
             queue_type=installed.queue_type,
+            delivery_limit=installed.delivery_limit,
         ),
-        task_routes=(Router(app, installed.queue_type),),
+        task_routes=(Router(app, installed.queue_type, installed.delivery_limit),),
         task_default_queue=UNROUTED_QUEUE,
         worker_consumer="postroom._celery.consumer:DeadLetteringConsumer",
         **{_CONF_KEY: installed},

@@ -92,7 +92,8 @@ def replay(
         )
     wanted = {event_type} if event_type else set(types)
     store = event_log(app) if store is None else store
-    queue = event_queue(pool, types, installation(app).queue_type)
+    installed = installation(app)
+    queue = event_queue(pool, types, installed.queue_type, delivery_limit=installed.delivery_limit)
     replay_id = uuid7() if force else None
     sign, origin = signer(app), anon_nodename()
     count, refused, oldest = 0, [], None

@@ -26,9 +26,9 @@ class Router:
     before sending, and that declaration must match the workers'.
     """
 
-    def __init__(self, app: celery.Celery, queue_type: QueueType) -> None:
+    def __init__(self, app: celery.Celery, queue_type: QueueType, delivery_limit: int) -> None:
         self.app = app
-        self.queue_type = queue_type
+        self.queue_type, self.delivery_limit = queue_type, delivery_limit
 
     def __call__(
         self, name: str, args: Any, kwargs: Any, options: dict[str, Any], **_: Any
@@ -46,4 +46,8 @@ class Router:
                 return {"queue": route(self.app, contract.model_validate(kwargs or {}))}
             except ValidationError:
                 pass  # refused as invalid by the owner, which says why
-        return {"queue": command_queue(handler.owner, self.queue_type)}
+        return {
+            "queue": command_queue(
+                handler.owner, self.queue_type, delivery_limit=self.delivery_limit
+            )
+        }

@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from postroom.errors import ConfigurationError
-from postroom.topology import CLASSIC, QueueType
+from postroom.topology import CLASSIC, QUORUM, QueueType
 
 __all__ = ["Settings", "documented", "env_name"]
 
@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     poison_after: int = Field(
         3,
         description="deliveries that kill their worker before a message is dead-lettered as poison",
+    )
+    delivery_limit: int = Field(
+        20,
+        ge=0,
+        description="RabbitMQ quorum queues only: deliveries after which the broker gives up on a "
+        "message and dead-letters it into postroom's dead letters (reason `delivery-limit`), a "
+        "backstop well above `POSTROOM_POISON_AFTER`; 0: no limit (see Dead letters)",
     )
     max_retries: int = Field(
         5,
@@ -265,6 +272,12 @@ class Settings(BaseSettings):
         """The type postroom declares its queues with: the setting's on RabbitMQ; on Redis, whose
         transport has no queue types, classic, so Celery sees no quorum queue there."""
         return CLASSIC if self.broker_is_redis else self.queue_type
+
+    @property
+    def declared_delivery_limit(self) -> int:
+        """The delivery limit postroom declares its consumed queues with: the setting's on quorum
+        queues; 0 (none) on classic ones, which have no delivery limit, and on Redis."""
+        return self.delivery_limit if self.declared_queue_type == QUORUM else 0
 
     @property
     def extra_imports(self) -> list[str]:

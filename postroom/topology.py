@@ -42,6 +42,10 @@ _EVENT_QUEUE_PREFIX = "events."
 #: where a message no service owns lands (Celery's default queue): every worker drains it and
 #: dead-letters what it holds as "unknown" (see postroom.routing)
 UNROUTED_QUEUE = "postroom.unrouted"
+#: where RabbitMQ dead-letters a message delivered more often than the delivery limit: every
+#: worker drains it and records each as a dead letter of its origin queue (see
+#: postroom._celery.consumer)
+GIVEN_UP_QUEUE = "postroom.given-up"
 
 
 def queue_arguments(queue_type: QueueType, **arguments: Any) -> dict[str, Any]:
@@ -53,12 +57,35 @@ def queue_arguments(queue_type: QueueType, **arguments: Any) -> dict[str, Any]:
     return {"x-queue-type": QUORUM, **arguments} if queue_type == QUORUM else arguments
 
 
+def backstop_arguments(queue_type: QueueType, delivery_limit: int) -> dict[str, Any]:
+    """A consumed queue's broker-side poison backstop: on a quorum queue, a message delivered more
+    than ``delivery_limit`` times is dead-lettered, at least once, to the given-up queue.
+
+    None on a classic queue (which has no delivery limit) or with ``delivery_limit`` 0. At least
+    once needs ``reject-publish`` overflow; with no length limit on these queues it never applies.
+    """
+    if queue_type != QUORUM or delivery_limit <= 0:
+        return {}
+    return {
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": GIVEN_UP_QUEUE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+def given_up_queue(queue_type: QueueType) -> Queue:
+    """The queue RabbitMQ dead-letters a message into when it gives up on it; no limit of its own."""
+    return Queue(GIVEN_UP_QUEUE, durable=True, queue_arguments=queue_arguments(queue_type))
+
+
 def command_queue_name(service: str) -> str:
     return f"commands.{service}"
 
 
 @cache
-def command_queue(service: str, queue_type: QueueType) -> Queue:
+def command_queue(service: str, queue_type: QueueType, *, delivery_limit: int) -> Queue:
     """The durable queue a service's pool consumes its commands and queries from.
 
     Built once per service: kombu entities are costly to build, and senders ask for one per message.
@@ -69,7 +96,9 @@ def command_queue(service: str, queue_type: QueueType) -> Queue:
         COMMANDS_EXCHANGE,
         routing_key=name,
         durable=True,
-        queue_arguments=queue_arguments(queue_type),
+        queue_arguments=queue_arguments(
+            queue_type, **backstop_arguments(queue_type, delivery_limit)
+        ),
     )
 
 
@@ -89,7 +118,9 @@ def partition_queue_name(service: str, partition: int) -> str:
 
 
 @cache
-def partition_queue(service: str, partition: int, queue_type: QueueType) -> Queue:
+def partition_queue(
+    service: str, partition: int, queue_type: QueueType, *, delivery_limit: int
+) -> Queue:
     """One of a service's partition queues: ordered messages of the keys that hash to it.
 
     Single-active-consumer on RabbitMQ (quorum and classic queues alike): however many workers
@@ -102,7 +133,11 @@ def partition_queue(service: str, partition: int, queue_type: QueueType) -> Queu
         COMMANDS_EXCHANGE,
         routing_key=name,
         durable=True,
-        queue_arguments=queue_arguments(queue_type, **{"x-single-active-consumer": True}),
+        queue_arguments=queue_arguments(
+            queue_type,
+            **{"x-single-active-consumer": True},
+            **backstop_arguments(queue_type, delivery_limit),
+        ),
     )
 
 
@@ -118,7 +153,9 @@ def is_event_queue(queue_name: str) -> bool:
     return queue_name.startswith(_EVENT_QUEUE_PREFIX)
 
 
-def event_queue(pool: str, event_types: list[str], queue_type: QueueType) -> Queue:
+def event_queue(
+    pool: str, event_types: list[str], queue_type: QueueType, *, delivery_limit: int
+) -> Queue:
     """A pool's durable queue, bound to the events exchange once per event type it subscribes to.
 
     Its retries never go through these bindings: they are sent to the queue by name (see
@@ -128,7 +165,9 @@ def event_queue(pool: str, event_types: list[str], queue_type: QueueType) -> Que
         event_queue_name(pool),
         bindings=[binding(EVENTS_EXCHANGE, routing_key=t) for t in event_types],
         durable=True,
-        queue_arguments=queue_arguments(queue_type),
+        queue_arguments=queue_arguments(
+            queue_type, **backstop_arguments(queue_type, delivery_limit)
+        ),
     )
 
 
@@ -150,20 +189,30 @@ def declared_queues(
     partitions: int = 4,
     *,
     queue_type: QueueType,
+    delivery_limit: int = 0,
 ) -> list[Queue]:
     """Every queue of a deployment: one per owning service, one per subscriber pool, and
     ``partitions`` more for each service in ``partitioned`` (see postroom.partitions).
 
     ``owners`` are the services that handle commands or queries; ``pools`` maps each subscriber pool
     to the event types it subscribes to. Which process consumes which queue is the pools' business.
-    ``queue_type`` is the deployment's (see the module docstring).
+    ``queue_type`` is the deployment's (see the module docstring); with a ``delivery_limit`` on
+    quorum queues, the given-up queue too (see backstop_arguments).
     """
+    limit = delivery_limit
     queues = [unrouted_queue(queue_type)]
-    queues += [command_queue(service, queue_type) for service in sorted(set(owners))]
+    if backstop_arguments(queue_type, limit):
+        queues.append(given_up_queue(queue_type))
     queues += [
-        partition_queue(s, p, queue_type)
+        command_queue(service, queue_type, delivery_limit=limit) for service in sorted(set(owners))
+    ]
+    queues += [
+        partition_queue(s, p, queue_type, delivery_limit=limit)
         for s in sorted(set(partitioned))
         for p in range(partitions)
     ]
-    queues += [event_queue(pool, types, queue_type) for pool, types in sorted(pools.items())]
+    queues += [
+        event_queue(pool, types, queue_type, delivery_limit=limit)
+        for pool, types in sorted(pools.items())
+    ]
     return queues

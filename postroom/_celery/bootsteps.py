@@ -25,7 +25,7 @@ from postroom.outbox import Relay
 from postroom.partitions import LeaseBoard, PartitionLeaser, partition_count
 from postroom.registry import registry
 from postroom.reliability import reliability
-from postroom.topology import UNROUTED_QUEUE, command_queue_name
+from postroom.topology import GIVEN_UP_QUEUE, UNROUTED_QUEUE, command_queue_name
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +148,15 @@ class PartitionLeasing(bootsteps.StartStopStep):  # type: ignore[misc]
 
 def consume_unrouted(sender: Any = None, instance: Any = None, **_: Any) -> None:
     """celeryd_after_setup receiver: every postroom worker also drains the unrouted queue, where a
-    message no service owns lands; the consumer dead-letters each as unknown."""
+    message no service owns lands, and the given-up queue, where RabbitMQ puts a message
+    delivered too often; the consumer dead-letters each (unknown, delivery-limit)."""
     app = getattr(instance, "app", None)
     if app is None or app.conf.get("postroom") is None:
         return  # a plain Celery app in the same process: not ours to change
     # the declared queue itself, not its name: Celery would build a classic queue from a name
-    app.amqp.queues.select_add(app.amqp.queues[UNROUTED_QUEUE])
+    for name in (UNROUTED_QUEUE, GIVEN_UP_QUEUE):
+        if name in app.amqp.queues:  # the given-up queue: with a delivery limit only
+            app.amqp.queues.select_add(app.amqp.queues[name])
 
 
 class OutboxSweeper(threading.Thread):

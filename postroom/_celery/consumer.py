@@ -11,7 +11,8 @@ from kombu.exceptions import ContentDisallowed
 from postroom._celery import delays
 from postroom._celery.queue_types import queue_types_checked
 from postroom.install import installation
-from postroom.reliability import DeadLetter, reliability
+from postroom.reliability import DeadLetter, DeadLetters, reliability
+from postroom.topology import GIVEN_UP_QUEUE
 
 logger = get_logger(__name__)
 
@@ -45,22 +46,14 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
 
     def _dead_letter_raw(self, message: Any, reason: str, exc: BaseException | None) -> None:
         try:
-            headers = dict(message.headers or {})
-            body, encoding = DeadLetter.raw_body(message.body)
             info = message.delivery_info or {}
-            letter = DeadLetter(
+            letter = raw_letter(
+                message,
                 reason=reason,
                 error_type=type(exc).__name__ if exc else "UnknownMessage",
                 error_message=str(exc) if exc else "not a Celery task message",
                 queue=info.get("routing_key") or "",
-                exchange=info.get("exchange") or "",
-                task=str(headers.get("task", "")),
-                task_id=str(headers.get("id", "")),
-                headers=headers,
-                body=body,
-                body_encoding=encoding,
-                content_type=message.content_type or "",
-                content_encoding=message.content_encoding or "",
+                headers=dict(message.headers or {}),
             )
             reliability(self.app).dead_letters.add(letter)
         except Exception:
@@ -80,6 +73,8 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         def guarded(message: Any) -> Any:
             error: BaseException
             try:
+                if (message.delivery_info or {}).get("routing_key") == GIVEN_UP_QUEUE:
+                    return record_given_up(reliability(self.app).dead_letters, message)
                 check_shape(message, self.app.conf.accept_content)
                 if self._held_in_broker(message):
                     return None
@@ -132,6 +127,78 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         reason = "undecodable" if isinstance(exc, ContentDisallowed) else "invalid"
         self._dead_letter_raw(message, reason, exc)
         super().on_invalid_task(body, message, exc)
+
+
+#: what RabbitMQ adds to a message it dead-letters (and a quorum queue to one it redelivers)
+_BROKER_DEATH_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-delivery-count",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+
+def raw_letter(
+    message: Any, *, reason: str, error_type: str, error_message: str, queue: str, headers: Any
+) -> DeadLetter:
+    """The dead letter of a message as it came off the wire, under ``headers``."""
+    body, encoding = DeadLetter.raw_body(message.body)
+    return DeadLetter(
+        reason=reason,
+        error_type=error_type,
+        error_message=error_message,
+        queue=queue,
+        exchange=(message.delivery_info or {}).get("exchange") or "",
+        task=str(headers.get("task", "")),
+        task_id=str(headers.get("id", "")),
+        headers=headers,
+        body=body,
+        body_encoding=encoding,
+        content_type=message.content_type or "",
+        content_encoding=message.content_encoding or "",
+    )
+
+
+def record_given_up(dead_letters: DeadLetters, message: Any) -> None:
+    """Dead-letter a message RabbitMQ gave up on (its delivery limit), as one of the queue it
+    died in, then acknowledge it; if the dead letter cannot be stored, put it back instead.
+
+    A message rejected without requeue reaches the given-up queue too (the queue's dead-letter
+    exchange takes every death): postroom rejects what it has dead-lettered itself, and another
+    consumer's reject dropped the message before the backstop, so it is acknowledged unrecorded.
+    """
+    headers = dict(message.headers or {})
+    origin = str(headers.get("x-first-death-queue") or "")
+    why = str(headers.get("x-first-death-reason") or "")
+    if why != "delivery_limit":
+        logger.debug("dropping a message %s in %r, as before its dead-letter exchange", why, origin)
+        message.ack()
+        return
+    for name in list(headers):  # the broker's bookkeeping: a redriven copy starts afresh
+        if name in _BROKER_DEATH_HEADERS:
+            del headers[name]
+    letter = raw_letter(
+        message,
+        reason="delivery-limit",
+        error_type="DeliveryLimit",
+        error_message=f"RabbitMQ gave up on it in {origin!r} ({why}): delivered more often "
+        "than its delivery limit (POSTROOM_DELIVERY_LIMIT)",
+        queue=origin,
+        headers=headers,
+    )
+    try:
+        dead_letters.add(letter)
+    except Exception:
+        logger.exception("could not dead-letter a message given up in %r; kept", origin)
+        message.requeue()
+        return
+    message.ack()
 
 
 class MalformedMessage(ValueError):

@@ -33,7 +33,11 @@ class Parked(Command, service="parked"):
 def conn(broker: BrokerContext) -> Iterator[Connection]:
     with broker.app.connection_for_read() as conn:
         channel = conn.default_channel
-        command_queue("parked", installation(broker.app).queue_type)(channel).declare()
+        installed = installation(broker.app)
+        queue = command_queue(
+            "parked", installed.queue_type, delivery_limit=installed.delivery_limit
+        )
+        queue(channel).declare()
         channel.queue_purge("commands.parked")
         yield conn
 

@@ -88,6 +88,9 @@ def test_every_queue_postroom_declares_on_rabbitmq_is_a_quorum_queue(
         assert arguments["x-queue-type"] == "quorum", name
     for name in PARTITIONS:
         assert queues[name][1]["x-single-active-consumer"] is True
+    for name in ("commands.probe", "events.pool_a", "commands.ordered", *PARTITIONS):
+        assert queues[name][1]["x-delivery-limit"] == 20, name  # POSTROOM_DELIVERY_LIMIT
+        assert queues[name][1]["x-dead-letter-routing-key"] == "postroom.given-up", name
     for name in delay_queues:
         arguments = queues[name][1]
         assert arguments["x-dead-letter-strategy"] == "at-least-once"
@@ -123,6 +126,8 @@ def test_postroom_queue_type_classic_declares_classic_queues(classic: BrokerCont
         assert kind == "classic", (name, kind)
         assert "x-queue-type" not in arguments, name
         assert "x-dead-letter-strategy" not in arguments, name
+        assert "x-delivery-limit" not in arguments, name
+    assert "postroom.given-up" not in queues
 
 
 @pytest.fixture
@@ -143,7 +148,9 @@ def test_a_worker_refuses_a_classic_queue_of_its_own_name_saying_how_to_migrate(
     output = worker.output()
     assert worker.proc.returncode != 0, output
     assert "QueueTypeMismatch" in output, output
-    assert "classic queue 'commands.probe'" in output
+    # RabbitMQ names the first argument that differs, a dead-letter one (the delivery limit's)
+    assert "queue 'commands.probe'" in output
+    assert "it is a classic queue, or a quorum queue made before" in output
     assert "delete_queue commands.probe" in output
     assert "POSTROOM_QUEUE_TYPE=classic" in output
     assert queues_on_broker(classic_queue_beforehand)["commands.probe"][0] == "classic"

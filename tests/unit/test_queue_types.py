@@ -53,3 +53,38 @@ def test_another_precondition_failure_passes_through_unchanged() -> None:
     assert mismatch(other) is None
     with pytest.raises(PreconditionFailed), queue_types_checked():
         raise other
+
+
+QUEUE_DECLARED_WITH_A_DELIVERY_LIMIT = (  # RabbitMQ 3.10's, for a quorum queue made without one
+    "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue 'commands.assets' "
+    "in vhost 'prod': received the value '' of type 'longstr' but current is none"
+)
+
+
+def test_a_queue_made_before_its_delivery_limit_or_classic_is_named_with_how_to_migrate_it() -> (
+    None
+):
+    error = mismatch(_refusal(QUEUE_DECLARED_WITH_A_DELIVERY_LIMIT))
+    assert isinstance(error, QueueTypeMismatch)
+    assert error.queue == "commands.assets"
+    message = str(error)
+    assert "queue 'commands.assets' (vhost 'prod') declared otherwise" in message
+    assert "(x-dead-letter-exchange is none there, '' here)" in message
+    assert "cannot change in place" in message
+    assert "a classic queue, or a quorum queue made before postroom's delivery limit" in message
+    assert "rabbitmqctl -p prod delete_queue commands.assets" in message
+    assert "POSTROOM_QUEUE_TYPE=classic for a classic queue" in message
+    assert "POSTROOM_DELIVERY_LIMIT=0 for a quorum queue made without a limit" in message
+
+
+def test_another_delivery_limit_than_the_queue_has_names_both() -> None:
+    error = mismatch(
+        _refusal(  # RabbitMQ 3.10's words for an integer argument
+            "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'commands.z' in "
+            "vhost 'prod': received '20' but current is '5'"
+        )
+    )
+    assert error is not None
+    assert error.queue == "commands.z"
+    assert "with a delivery limit of 5, and this deployment declares 20" in str(error)
+    assert "POSTROOM_DELIVERY_LIMIT=5" in str(error)

@@ -1,0 +1,111 @@
+"""The broker-side poison backstop (RabbitMQ quorum queues): a message whose every delivery kills
+its worker, which postroom's own count (POSTROOM_POISON_AFTER, set out of reach here) does not
+stop, is given up by RabbitMQ after POSTROOM_DELIVERY_LIMIT redeliveries, dead-lettered into
+postroom's given-up queue and recorded as a dead letter of its origin queue; redrive sends it back."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from config.pools import Pool
+from postroom import MessageBus
+from postroom._celery.queue_types import queue_types_checked
+from postroom.errors import QueueTypeMismatch
+from postroom.reliability import DeadLetter, reliability
+from postroom.topology import GIVEN_UP_QUEUE, command_queue
+from tests.integration.services import Echo, Explode
+from tests.reliability.test_dead_letters import letters_of, postroom
+from tests.support import BrokerContext, broker_context, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
+LIMIT = 2
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerContext]:
+    ctx = broker_context(
+        "rabbitmq",
+        tmp_path_factory.mktemp("delivery-limit"),
+        poison_after="100",
+        delivery_limit=str(LIMIT),
+    )
+    yield ctx
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def bus(broker: BrokerContext) -> MessageBus:
+    broker.start_worker(Pool("probe", ("commands.probe",), concurrency=1))
+    return MessageBus(broker.app, source="tests")
+
+
+def _given_up(broker: BrokerContext, message_id: str) -> list[DeadLetter]:
+    return [
+        letter
+        for letter in letters_of(broker, message_id=message_id)
+        if letter.reason == "delivery-limit"
+    ]
+
+
+def _runs(broker: BrokerContext, key: str) -> int:
+    return int(broker.state().get(broker.key("probe", "exploded", key)) or 0)
+
+
+def test_a_message_that_kills_every_worker_it_reaches_is_given_up_by_the_broker(
+    broker: BrokerContext, bus: MessageBus
+) -> None:
+    key = uuid.uuid4().hex
+    pending = bus.send(Explode(key=key, how="sigkill"))
+    wait_for(lambda: _given_up(broker, pending.message_id), timeout=180)
+    [letter] = _given_up(broker, pending.message_id)
+    assert (letter.queue, letter.error_type) == ("commands.probe", "DeliveryLimit")
+    assert "'commands.probe' (delivery_limit)" in letter.error_message
+    assert "x-death" not in letter.headers
+    assert "x-first-death-queue" not in letter.headers
+    assert _runs(broker, key) == LIMIT + 1  # the first delivery and LIMIT more, not 100
+    listed = postroom(broker, "dlq", "list")
+    assert letter.id in listed
+    assert "delivery-limit" in listed
+    # the worker keeps running and other messages flow
+    assert bus.send(Echo(text="still here")).reply(timeout=60).status == "succeeded"
+
+
+def test_redrive_sends_a_given_up_message_back_to_its_origin_queue(
+    broker: BrokerContext, bus: MessageBus
+) -> None:
+    key = uuid.uuid4().hex
+    pending = bus.send(Explode(key=key, how="exit"))
+    wait_for(lambda: _given_up(broker, pending.message_id), timeout=180)
+    [letter] = _given_up(broker, pending.message_id)
+    postroom(broker, "dlq", "redrive", letter.id)
+    # back in commands.probe, it kills its worker LIMIT + 1 times more and is given up again
+    wait_for(lambda: _runs(broker, key) == 2 * (LIMIT + 1), timeout=180)
+    wait_for(lambda: len(_given_up(broker, pending.message_id)) == 1, timeout=60)
+    [again] = _given_up(broker, pending.message_id)
+    assert again.id != letter.id
+    assert again.queue == "commands.probe"
+    assert reliability(broker.app).dead_letters.get(letter.id) is None
+
+
+def test_the_given_up_queue_is_drained(broker: BrokerContext, bus: MessageBus) -> None:
+    with broker.app.connection_for_write() as connection:
+        _name, messages, consumers = connection.default_channel.queue_declare(
+            GIVEN_UP_QUEUE, passive=True
+        )
+    assert (messages, consumers) == (0, 1)
+
+
+def test_a_queue_made_before_its_delivery_limit_is_refused_with_how_to_migrate_it(
+    broker: BrokerContext,
+) -> None:
+    with broker.app.connection_for_write() as connection:
+        command_queue("legacy", "quorum", delivery_limit=0)(connection.channel()).declare()
+        limited = command_queue("legacy", "quorum", delivery_limit=LIMIT)
+        with pytest.raises(QueueTypeMismatch) as refused, queue_types_checked():
+            limited(connection.channel()).declare()
+    assert refused.value.queue == "commands.legacy"
+    assert "delete_queue commands.legacy" in str(refused.value)
+    assert "POSTROOM_DELIVERY_LIMIT=0" in str(refused.value)

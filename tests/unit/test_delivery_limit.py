@@ -1,0 +1,136 @@
+"""The broker-side poison backstop as declared: on quorum queues, a delivery limit dead-lettering
+at least once into postroom's given-up queue; nothing of it on classic queues or on Redis."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from postroom._celery.consumer import record_given_up
+from postroom.settings import Settings
+from postroom.topology import (
+    GIVEN_UP_QUEUE,
+    command_queue,
+    declared_queues,
+    event_queue,
+    partition_queue,
+)
+
+BACKSTOP = {
+    "x-delivery-limit": 7,
+    "x-dead-letter-exchange": "",
+    "x-dead-letter-routing-key": GIVEN_UP_QUEUE,
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+
+
+def test_a_quorum_command_partition_and_event_queue_give_up_into_the_given_up_queue() -> None:
+    queues = [
+        command_queue("limited", "quorum", delivery_limit=7),
+        partition_queue("limited", 0, "quorum", delivery_limit=7),
+        event_queue("limited", ["limited.Happened"], "quorum", delivery_limit=7),
+    ]
+    for queue in queues:
+        assert queue.queue_arguments is not None
+        assert queue.queue_arguments.items() >= {"x-queue-type": "quorum", **BACKSTOP}.items()
+    assert queues[1].queue_arguments["x-single-active-consumer"] is True
+
+
+def test_a_classic_queue_has_no_delivery_limit() -> None:
+    assert command_queue("unlimited", "classic", delivery_limit=7).queue_arguments == {}
+
+
+def test_the_given_up_queue_is_declared_quorum_without_a_limit_of_its_own() -> None:
+    queues = {q.name: q for q in declared_queues(["s"], {}, queue_type="quorum", delivery_limit=7)}
+    assert queues[GIVEN_UP_QUEUE].queue_arguments == {"x-queue-type": "quorum"}
+    assert queues["commands.s"].queue_arguments["x-delivery-limit"] == 7
+
+
+def test_no_given_up_queue_without_a_delivery_limit_or_on_classic_queues() -> None:
+    for queue_type, limit in (("quorum", 0), ("classic", 7)):
+        names = [
+            q.name for q in declared_queues(["s"], {}, queue_type=queue_type, delivery_limit=limit)
+        ]
+        assert GIVEN_UP_QUEUE not in names
+
+
+def test_the_delivery_limit_defaults_well_above_poison_after_and_is_off_on_classic_and_redis() -> (
+    None
+):
+    rabbit = "amqp://guest:guest@localhost:5672//"
+    settings = Settings(broker_url=rabbit)
+    assert settings.declared_delivery_limit == 20 > settings.poison_after
+    assert Settings(broker_url=rabbit, queue_type="classic").declared_delivery_limit == 0
+    assert Settings(broker_url="redis://localhost:6379/0").declared_delivery_limit == 0
+
+
+def test_a_quorum_queue_without_a_delivery_limit_is_declared_as_before() -> None:
+    assert command_queue("before", "quorum", delivery_limit=0).queue_arguments == {
+        "x-queue-type": "quorum"
+    }
+
+
+class _Message:
+    """What kombu hands the consumer for a message RabbitMQ dead-lettered into the given-up queue."""
+
+    def __init__(self) -> None:
+        self.headers = {
+            "task": "probe.Explode",
+            "id": "m-1",
+            "x-delivery-count": 2,
+            "x-first-death-queue": "commands.probe",
+            "x-first-death-reason": "delivery_limit",
+            "x-first-death-exchange": "postroom.commands",
+            "x-death": [{"queue": "commands.probe", "reason": "delivery_limit", "count": 1}],
+        }
+        self.body = b'[[], {"key": "k"}, {}]'
+        self.delivery_info = {"exchange": "", "routing_key": GIVEN_UP_QUEUE}
+        self.content_type, self.content_encoding = "application/json", "utf-8"
+        self.done: list[str] = []
+
+    def ack(self) -> None:
+        self.done.append("ack")
+
+    def requeue(self) -> None:
+        self.done.append("requeue")
+
+
+class _Store:
+    def __init__(self, fails: bool) -> None:
+        self.fails, self.added = fails, []
+
+    def add(self, letter: Any) -> str:
+        if self.fails:
+            raise ConnectionError("the dead letters' Redis is down")
+        self.added.append(letter)
+        return str(letter.id)
+
+
+def test_a_given_up_message_is_stored_as_a_dead_letter_of_its_origin_queue_then_acknowledged() -> (
+    None
+):
+    message, store = _Message(), _Store(fails=False)
+    record_given_up(cast(Any, store), message)
+    [letter] = store.added
+    assert (letter.reason, letter.queue, letter.task_id) == (
+        "delivery-limit",
+        "commands.probe",
+        "m-1",
+    )
+    assert letter.headers == {"task": "probe.Explode", "id": "m-1"}  # no death headers
+    assert letter.exchange == ""  # a raw redrive goes through the default exchange, by queue name
+    assert message.done == ["ack"]
+
+
+def test_a_given_up_message_whose_dead_letter_cannot_be_stored_goes_back_unacknowledged() -> None:
+    message = _Message()
+    record_given_up(cast(Any, _Store(fails=True)), message)
+    assert message.done == ["requeue"]
+
+
+def test_a_message_rejected_in_its_queue_is_acknowledged_unrecorded_as_before() -> None:
+    message, store = _Message(), _Store(fails=False)
+    message.headers["x-first-death-reason"] = "rejected"  # postroom dead-lettered it already
+    record_given_up(cast(Any, store), message)
+    assert store.added == []
+    assert message.done == ["ack"]
