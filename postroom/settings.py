@@ -141,8 +141,9 @@ class Settings(BaseSettings):
         ge=0,
         description="times a send retries when the broker connection fails or the broker does not "
         "confirm the message (a RabbitMQ node dying, a quorum queue electing a new leader), "
-        "reconnecting to the next broker URL, 0.5 s longer between tries up to 2 s (about 15 s "
-        "in all) before SendFailed",
+        "reconnecting to the next `;`-separated broker URL, 0.5 s longer between tries up to 2 s "
+        "(about 15 s in all); then `postroom.SendFailed`, which says the broker may or may not "
+        "hold the message: send it again with the same `message_id=`. `send_many` is not retried",
     )
     imports: str = Field(
         "", description="comma-separated extra modules holding handlers, imported by every worker"
