@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 
-from postroom import MessageBus, ReplyTimeout, tracing
+from postroom import MessageBus, ReplyTimeout, SendFailed, tracing
 from postroom.messages import Command, Query, Reply
 from postroom.settings import Settings
 from tasks.assets import GetAsset, RegisterAsset
@@ -199,6 +199,7 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
             span.set_attribute("http.response.status_code", response.status_code)
             return response
 
+    api.add_exception_handler(SendFailed, _broker_unreachable)
     api.add_exception_handler(OperationalError, _broker_unreachable)
     api.add_exception_handler(redis.exceptions.ConnectionError, _broker_unreachable)
 

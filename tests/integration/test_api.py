@@ -343,5 +343,5 @@ def test_an_unreachable_broker_answers_503_saying_what_to_do(broker: BrokerConte
     finally:
         server.stop()
     assert refused.status_code == 503, refused.text
-    assert "unreachable (OperationalError)" in refused.json()["detail"]
+    assert "unreachable (SendFailed)" in refused.json()["detail"]
     assert "Idempotency-Key" in refused.json()["detail"]
