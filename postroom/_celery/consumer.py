@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from celery.utils.log import get_logger
@@ -165,17 +166,35 @@ def raw_letter(
     )
 
 
+def last_death(headers: Mapping[str, Any]) -> tuple[str, str]:
+    """The queue a dead-lettered message died in last, and why (RabbitMQ's reason).
+
+    Not its first death (``x-first-death-*``, set once and never changed): a message that waited
+    in a delay queue died there first, of its TTL, on its way to the queue that gave up on it.
+    RabbitMQ 3.13 and later say it in ``x-last-death-*``; before, the first entry of ``x-death``
+    (most recent first) does.
+    """
+    if headers.get("x-last-death-reason"):
+        return str(headers.get("x-last-death-queue") or ""), str(headers["x-last-death-reason"])
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], Mapping):
+        return str(deaths[0].get("queue") or ""), str(deaths[0].get("reason") or "")
+    return str(headers.get("x-first-death-queue") or ""), str(
+        headers.get("x-first-death-reason") or ""
+    )
+
+
 def record_given_up(dead_letters: DeadLetters, message: Any) -> None:
     """Dead-letter a message RabbitMQ gave up on (its delivery limit), as one of the queue it
-    died in, then acknowledge it; if the dead letter cannot be stored, put it back instead.
+    died in last (see last_death), then acknowledge it; if the dead letter cannot be stored, put
+    it back instead.
 
     A message rejected without requeue reaches the given-up queue too (the queue's dead-letter
     exchange takes every death): postroom rejects what it has dead-lettered itself, and another
     consumer's reject dropped the message before the backstop, so it is acknowledged unrecorded.
     """
     headers = dict(message.headers or {})
-    origin = str(headers.get("x-first-death-queue") or "")
-    why = str(headers.get("x-first-death-reason") or "")
+    origin, why = last_death(headers)
     if why != "delivery_limit":
         logger.debug("dropping a message %s in %r, as before its dead-letter exchange", why, origin)
         message.ack()

@@ -109,3 +109,16 @@ def test_a_queue_made_before_its_delivery_limit_is_refused_with_how_to_migrate_i
     assert refused.value.queue == "commands.legacy"
     assert "delete_queue commands.legacy" in str(refused.value)
     assert "POSTROOM_DELIVERY_LIMIT=0" in str(refused.value)
+
+
+def test_a_scheduled_message_given_up_is_recorded_though_it_first_died_in_its_delay_queue(
+    broker: BrokerContext, bus: MessageBus
+) -> None:
+    # its first death is its expiry in the delay queue, which RabbitMQ's x-first-death-* keep
+    key = uuid.uuid4().hex
+    pending = bus.send(Explode(key=key, how="exit"), delay=0.2)
+    wait_for(lambda: _given_up(broker, pending.message_id), timeout=90)
+    [letter] = _given_up(broker, pending.message_id)
+    assert letter.queue == "commands.probe"
+    assert "'commands.probe' (delivery_limit)" in letter.error_message
+    assert _runs(broker, key) == LIMIT + 1

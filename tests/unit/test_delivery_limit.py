@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from postroom._celery.consumer import record_given_up
+from postroom._celery.consumer import last_death, record_given_up
 from postroom.settings import Settings
 from postroom.topology import (
     GIVEN_UP_QUEUE,
@@ -131,6 +131,52 @@ def test_a_given_up_message_whose_dead_letter_cannot_be_stored_goes_back_unackno
 def test_a_message_rejected_in_its_queue_is_acknowledged_unrecorded_as_before() -> None:
     message, store = _Message(), _Store(fails=False)
     message.headers["x-first-death-reason"] = "rejected"  # postroom dead-lettered it already
+    message.headers["x-death"][0]["reason"] = "rejected"
     record_given_up(cast(Any, store), message)
     assert store.added == []
     assert message.done == ["ack"]
+
+
+def _died_in_a_delay_queue_first(message: _Message) -> _Message:
+    """As RabbitMQ 3.10 hands over a scheduled (or retried) message given up in its queue: its
+    first death is its TTL's in the delay queue, its last (first in x-death) the delivery limit."""
+    message.headers |= {
+        "x-first-death-queue": "commands.probe.delay.100",
+        "x-first-death-reason": "expired",
+        "x-first-death-exchange": "",
+        "x-death": [
+            {"queue": "commands.probe", "reason": "delivery_limit", "count": 1},
+            {"queue": "commands.probe.delay.100", "reason": "expired", "count": 1},
+        ],
+    }
+    return message
+
+
+def test_a_message_given_up_after_its_delay_queue_is_recorded_as_one_of_the_queue_it_died_in_last() -> (
+    None
+):
+    message, store = _died_in_a_delay_queue_first(_Message()), _Store(fails=False)
+    record_given_up(cast(Any, store), message)
+    [letter] = store.added
+    assert (letter.reason, letter.queue) == ("delivery-limit", "commands.probe")
+    assert "'commands.probe' (delivery_limit)" in letter.error_message
+    assert message.done == ["ack"]
+
+
+def test_rabbitmqs_last_death_headers_name_the_queue_where_they_are_set() -> None:
+    message = _died_in_a_delay_queue_first(_Message())  # RabbitMQ 3.13+ adds x-last-death-*
+    message.headers |= {
+        "x-last-death-queue": "events.pool_a",
+        "x-last-death-reason": "delivery_limit",
+    }
+    assert last_death(message.headers) == ("events.pool_a", "delivery_limit")
+    record_given_up(cast(Any, store := _Store(fails=False)), message)
+    assert store.added[0].queue == "events.pool_a"
+    assert "x-last-death-queue" not in store.added[0].headers
+
+
+def test_a_message_rejected_after_its_delay_queue_is_acknowledged_unrecorded() -> None:
+    message, store = _died_in_a_delay_queue_first(_Message()), _Store(fails=False)
+    message.headers["x-death"][0]["reason"] = "rejected"  # postroom dead-lettered it already
+    record_given_up(cast(Any, store), message)
+    assert (store.added, message.done) == ([], ["ack"])
