@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from config.pools import Pool
-from postroom import MessageBus
+from postroom import Command, MessageBus
 from postroom._celery.queue_types import queue_types_checked
 from postroom.errors import QueueTypeMismatch
 from postroom.reliability import DeadLetter, reliability
@@ -22,6 +22,12 @@ from tests.support import BrokerContext, broker_context, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
 LIMIT = 2
+
+
+class Elsewhere(Command, service="elsewhere"):
+    """A command of a service no postroom worker here consumes: another consumer takes it."""
+
+    n: int
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +72,9 @@ def test_a_message_that_kills_every_worker_it_reaches_is_given_up_by_the_broker(
     assert "x-death" not in letter.headers
     assert "x-first-death-queue" not in letter.headers
     assert _runs(broker, key) == LIMIT + 1  # the first delivery and LIMIT more, not 100
-    listed = postroom(broker, "dlq", "list")
-    assert letter.id in listed
-    assert "delivery-limit" in listed
+    [line] = [line for line in postroom(broker, "dlq", "list").splitlines() if letter.id in line]
+    assert "delivery-limit" in line
+    assert "commands.probe" in line
     # the worker keeps running and other messages flow
     assert bus.send(Echo(text="still here")).reply(timeout=60).status == "succeeded"
 
@@ -122,3 +128,21 @@ def test_a_scheduled_message_given_up_is_recorded_though_it_first_died_in_its_de
     assert letter.queue == "commands.probe"
     assert "'commands.probe' (delivery_limit)" in letter.error_message
     assert _runs(broker, key) == LIMIT + 1
+
+
+def test_a_message_another_consumer_keeps_requeueing_is_given_up_and_recorded_by_postroom(
+    broker: BrokerContext, bus: MessageBus
+) -> None:
+    pending = bus.send(Elsewhere(n=1))  # declares commands.elsewhere with the delivery limit
+    returned = 0
+    with broker.app.connection_for_write() as connection:
+        channel = connection.default_channel  # a consumer that is not postroom's: it never acks
+        while (message := channel.basic_get("commands.elsewhere")) is not None:
+            channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
+            returned += 1
+            assert returned <= LIMIT + 1, "RabbitMQ kept redelivering past its delivery limit"
+    assert returned == LIMIT + 1
+    # the probe pool's worker, which never consumes commands.elsewhere, drains the given-up queue
+    wait_for(lambda: _given_up(broker, pending.message_id), timeout=30)
+    [letter] = _given_up(broker, pending.message_id)
+    assert (letter.queue, letter.task) == ("commands.elsewhere", "elsewhere.Elsewhere")
