@@ -5,6 +5,7 @@ postroom's given-up queue and recorded as a dead letter of its origin queue; red
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -146,3 +147,28 @@ def test_a_message_another_consumer_keeps_requeueing_is_given_up_and_recorded_by
     wait_for(lambda: _given_up(broker, pending.message_id), timeout=30)
     [letter] = _given_up(broker, pending.message_id)
     assert (letter.queue, letter.task) == ("commands.elsewhere", "elsewhere.Elsewhere")
+
+
+def _take_and_drop(broker: BrokerContext, queue: str) -> bool:
+    """Take a message from ``queue`` without acknowledging it, then lose the connection, as a
+    worker's main process killed with messages prefetched does; whether there was one."""
+    connection = broker.app.connection_for_write()
+    try:
+        message = connection.default_channel.basic_get(queue)
+        connection.connection.transport.sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        connection.collect()  # no goodbye on a dead socket
+    return message is not None
+
+
+def test_a_message_held_by_a_consumer_whose_connection_dies_counts_a_delivery_too(
+    broker: BrokerContext, bus: MessageBus
+) -> None:
+    # the reason to keep POSTROOM_DELIVERY_LIMIT high: an innocent message prefetched by a worker
+    # whose main process keeps dying reaches the limit as surely as a poison one
+    pending = bus.send(Elsewhere(n=2))
+    for _ in range(LIMIT + 1):
+        wait_for(lambda: _take_and_drop(broker, "commands.elsewhere"), timeout=10)
+    wait_for(lambda: _given_up(broker, pending.message_id), timeout=30)
+    [letter] = _given_up(broker, pending.message_id)
+    assert letter.queue == "commands.elsewhere"
