@@ -6,6 +6,7 @@ postroom's given-up queue and recorded as a dead letter of its origin queue; red
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -131,18 +132,24 @@ def test_a_scheduled_message_given_up_is_recorded_though_it_first_died_in_its_de
     assert _runs(broker, key) == LIMIT + 1
 
 
+def _requeue_past_the_limit(broker: BrokerContext, queue: str) -> int:
+    """Take and requeue what ``queue`` holds, as a consumer that is not postroom's and never
+    acknowledges does, until RabbitMQ gives up on it; how many times it came back."""
+    returned = 0
+    with broker.app.connection_for_write() as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get(queue)) is not None:
+            channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
+            returned += 1
+            assert returned <= LIMIT + 1, "RabbitMQ kept redelivering past its delivery limit"
+    return returned
+
+
 def test_a_message_another_consumer_keeps_requeueing_is_given_up_and_recorded_by_postroom(
     broker: BrokerContext, bus: MessageBus
 ) -> None:
     pending = bus.send(Elsewhere(n=1))  # declares commands.elsewhere with the delivery limit
-    returned = 0
-    with broker.app.connection_for_write() as connection:
-        channel = connection.default_channel  # a consumer that is not postroom's: it never acks
-        while (message := channel.basic_get("commands.elsewhere")) is not None:
-            channel.basic_reject(message.delivery_info["delivery_tag"], requeue=True)
-            returned += 1
-            assert returned <= LIMIT + 1, "RabbitMQ kept redelivering past its delivery limit"
-    assert returned == LIMIT + 1
+    assert _requeue_past_the_limit(broker, "commands.elsewhere") == LIMIT + 1
     # the probe pool's worker, which never consumes commands.elsewhere, drains the given-up queue
     wait_for(lambda: _given_up(broker, pending.message_id), timeout=30)
     [letter] = _given_up(broker, pending.message_id)
@@ -172,3 +179,35 @@ def test_a_message_held_by_a_consumer_whose_connection_dies_counts_a_delivery_to
     wait_for(lambda: _given_up(broker, pending.message_id), timeout=30)
     [letter] = _given_up(broker, pending.message_id)
     assert letter.queue == "commands.elsewhere"
+
+
+def test_a_given_up_message_waits_in_the_broker_while_the_dead_letters_cannot_be_stored(
+    broker: BrokerContext, bus: MessageBus
+) -> None:
+    # the dead letters' index made unwritable (a string where a sorted set goes): every add fails
+    store = reliability(broker.app).dead_letters
+    index = broker.key("dlq")
+    assert store.client.type(index) in {"zset", "none"}
+    saved = store.client.dump(index)
+    store.client.delete(index)
+    store.client.set(index, "not a sorted set")
+    worker = broker.workers[0]
+    failures = "could not dead-letter a message given up in 'commands.elsewhere'"
+    try:
+        pending = bus.send(Elsewhere(n=3))
+        _requeue_past_the_limit(broker, "commands.elsewhere")
+        wait_for(lambda: failures in worker.output(), timeout=30)
+        before = worker.output().count(failures)
+        time.sleep(2)
+        # held about POSTROOM_RETRY_BACKOFF_MAX (0.2 s here; the delay level below it, 100 ms,
+        # at least) in the broker between tries; put straight back, it failed ~900 times in 2 s
+        assert worker.output().count(failures) - before <= 25
+    finally:
+        store.client.delete(index)
+        if saved is not None:
+            store.client.restore(index, 0, saved)
+    wait_for(lambda: _given_up(broker, pending.message_id), timeout=30)
+    [letter] = _given_up(broker, pending.message_id)
+    assert letter.queue == "commands.elsewhere"
+    assert "x-postroom-given-up-in" not in letter.headers
+    assert "x-death" not in letter.headers
