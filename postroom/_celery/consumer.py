@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from time import time
 from typing import Any
 
 from celery.utils.log import get_logger
@@ -74,7 +76,8 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
             error: BaseException
             try:
                 if (message.delivery_info or {}).get("routing_key") == GIVEN_UP_QUEUE:
-                    return record_given_up(reliability(self.app).dead_letters, message)
+                    dead_letters = reliability(self.app).dead_letters
+                    return record_given_up(dead_letters, message, hold=self._hold_given_up)
                 check_shape(message, self.app.conf.accept_content)
                 if self._held_in_broker(message):
                     return None
@@ -110,6 +113,20 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         message.ack()
         return True
 
+    def _hold_given_up(self, message: Any, headers: dict[str, Any]) -> None:
+        """Send a given-up message that could not be recorded to the given-up queue's delay queue,
+        under ``headers``, for POSTROOM_RETRY_BACKOFF_MAX; returns once the broker confirmed it."""
+        installed = installation(self.app)
+        with self.app.producer_or_acquire() as producer:
+            delays.hold(
+                producer,
+                message,
+                GIVEN_UP_QUEUE,
+                headers=headers,
+                due=time() + installed.retry.backoff_max,
+                queue_type=installed.queue_type,
+            )
+
     def on_decode_error(self, message: Any, exc: BaseException) -> None:
         self._dead_letter_raw(message, "undecodable", exc)
         super().on_decode_error(message, exc)
@@ -128,6 +145,10 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         self._dead_letter_raw(message, reason, exc)
         super().on_invalid_task(body, message, exc)
 
+
+#: the queue a given-up message died in, while it waits for the dead letters' store (see
+#: record_given_up)
+GIVEN_UP_IN = "x-postroom-given-up-in"
 
 #: what RabbitMQ adds to a message it dead-letters (and a quorum queue to one it redelivers)
 _BROKER_DEATH_HEADERS = frozenset(
@@ -165,17 +186,43 @@ def raw_letter(
     )
 
 
-def record_given_up(dead_letters: DeadLetters, message: Any) -> None:
+def last_death(headers: Mapping[str, Any]) -> tuple[str, str]:
+    """The queue a dead-lettered message died in last, and why (RabbitMQ's reason).
+
+    Not its first death (``x-first-death-*``, set once and never changed): a message that waited
+    in a delay queue died there first, of its TTL, on its way to the queue that gave up on it.
+    RabbitMQ 3.13 and later say it in ``x-last-death-*``; before, the first entry of ``x-death``
+    (most recent first) does.
+    """
+    if headers.get("x-last-death-reason"):
+        return str(headers.get("x-last-death-queue") or ""), str(headers["x-last-death-reason"])
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list | tuple) and deaths and isinstance(deaths[0], Mapping):
+        return str(deaths[0].get("queue") or ""), str(deaths[0].get("reason") or "")
+    return str(headers.get("x-first-death-queue") or ""), str(
+        headers.get("x-first-death-reason") or ""
+    )
+
+
+def record_given_up(
+    dead_letters: DeadLetters, message: Any, *, hold: Callable[[Any, dict[str, Any]], None]
+) -> None:
     """Dead-letter a message RabbitMQ gave up on (its delivery limit), as one of the queue it
-    died in, then acknowledge it; if the dead letter cannot be stored, put it back instead.
+    died in last (see last_death), then acknowledge it. If the dead letter cannot be stored, the
+    message waits in the broker and comes back (``hold(message, headers)``, then acknowledged),
+    naming its origin in a header of its own since its next death there is its TTL's; if even
+    that fails, it is put back at once.
 
     A message rejected without requeue reaches the given-up queue too (the queue's dead-letter
     exchange takes every death): postroom rejects what it has dead-lettered itself, and another
     consumer's reject dropped the message before the backstop, so it is acknowledged unrecorded.
     """
     headers = dict(message.headers or {})
-    origin = str(headers.get("x-first-death-queue") or "")
-    why = str(headers.get("x-first-death-reason") or "")
+    if GIVEN_UP_IN in headers:  # back from waiting for the dead letters' store
+        origin, why = str(headers.pop(GIVEN_UP_IN)), "delivery_limit"
+        headers.pop(delays.DUE, None)
+    else:
+        origin, why = last_death(headers)
     if why != "delivery_limit":
         logger.debug("dropping a message %s in %r, as before its dead-letter exchange", why, origin)
         message.ack()
@@ -195,9 +242,13 @@ def record_given_up(dead_letters: DeadLetters, message: Any) -> None:
     try:
         dead_letters.add(letter)
     except Exception:
-        logger.exception("could not dead-letter a message given up in %r; kept", origin)
-        message.requeue()
-        return
+        logger.exception("could not dead-letter a message given up in %r; it waits", origin)
+        try:
+            hold(message, {**headers, GIVEN_UP_IN: origin})
+        except Exception:
+            logger.exception("could not hold a message given up in %r; put back", origin)
+            message.requeue()
+            return
     message.ack()
 
 

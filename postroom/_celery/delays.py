@@ -278,6 +278,21 @@ def hold_in_broker(producer: Any, message: Any, destination: str, queue_type: Qu
     """
     due = due_of(message.headers)
     assert due is not None
+    headers = {**(message.headers or {}), "eta": None}
+    hold(producer, message, destination, headers=headers, due=due, queue_type=queue_type)
+
+
+def hold(
+    producer: Any,
+    message: Any,
+    destination: str,
+    *,
+    headers: Mapping[str, Any],
+    due: float,
+    queue_type: QueueType,
+) -> None:
+    """Send a received ``message``, under ``headers``, to the delay queue of ``destination``
+    (a queue's name) of its due time; returns once the broker confirmed it."""
     queue = delay_queue(destination, level_for(due - time()), queue_type)
     properties = message.properties or {}
     producer.publish(
@@ -285,7 +300,7 @@ def hold_in_broker(producer: Any, message: Any, destination: str, queue_type: Qu
         exchange="",
         routing_key=queue.name,
         declare=[queue],
-        headers=with_due({**(message.headers or {}), "eta": None}, due),
+        headers=with_due(headers, due),
         content_type=message.content_type,
         content_encoding=message.content_encoding,
         correlation_id=properties.get("correlation_id"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from postroom._celery.consumer import record_given_up
+from postroom._celery.consumer import GIVEN_UP_IN, last_death, record_given_up
+from postroom._celery.delays import DUE
 from postroom.settings import Settings
 from postroom.topology import (
     GIVEN_UP_QUEUE,
@@ -110,7 +111,7 @@ def test_a_given_up_message_is_stored_as_a_dead_letter_of_its_origin_queue_then_
     None
 ):
     message, store = _Message(), _Store(fails=False)
-    record_given_up(cast(Any, store), message)
+    record_given_up(cast(Any, store), message, hold=_no_hold)
     [letter] = store.added
     assert (letter.reason, letter.queue, letter.task_id) == (
         "delivery-limit",
@@ -122,15 +123,95 @@ def test_a_given_up_message_is_stored_as_a_dead_letter_of_its_origin_queue_then_
     assert message.done == ["ack"]
 
 
-def test_a_given_up_message_whose_dead_letter_cannot_be_stored_goes_back_unacknowledged() -> None:
+def _no_hold(message: Any, headers: dict[str, Any]) -> None:
+    raise AssertionError("held, though its dead letter was stored")
+
+
+def test_a_given_up_message_whose_dead_letter_cannot_be_stored_waits_in_the_broker() -> None:
+    message, held = _Message(), []
+    record_given_up(cast(Any, _Store(fails=True)), message, hold=lambda m, h: held.append((m, h)))
+    [(copy_of, headers)] = held
+    assert copy_of is message
+    assert headers == {"task": "probe.Explode", "id": "m-1", GIVEN_UP_IN: "commands.probe"}
+    assert message.done == ["ack"]  # once the held copy is confirmed
+
+
+def test_a_given_up_message_that_can_be_neither_stored_nor_held_goes_back_at_once() -> None:
+    def broker_down(message: Any, headers: dict[str, Any]) -> None:
+        raise ConnectionError("the broker refused the held copy")
+
     message = _Message()
-    record_given_up(cast(Any, _Store(fails=True)), message)
+    record_given_up(cast(Any, _Store(fails=True)), message, hold=broker_down)
     assert message.done == ["requeue"]
+
+
+def test_a_held_message_back_from_its_wait_is_recorded_as_one_of_its_origin_queue() -> None:
+    message, store = _Message(), _Store(fails=False)
+    message.headers = {  # its last death: its TTL in the given-up queue's delay queue
+        "task": "probe.Explode",
+        "id": "m-1",
+        GIVEN_UP_IN: "commands.probe",
+        DUE: 1.0,
+        "x-first-death-queue": "postroom.given-up.delay.200",
+        "x-first-death-reason": "expired",
+        "x-death": [{"queue": "postroom.given-up.delay.200", "reason": "expired", "count": 1}],
+    }
+    record_given_up(cast(Any, store), message, hold=_no_hold)
+    [letter] = store.added
+    assert (letter.reason, letter.queue) == ("delivery-limit", "commands.probe")
+    assert letter.headers == {"task": "probe.Explode", "id": "m-1"}
+    assert message.done == ["ack"]
 
 
 def test_a_message_rejected_in_its_queue_is_acknowledged_unrecorded_as_before() -> None:
     message, store = _Message(), _Store(fails=False)
     message.headers["x-first-death-reason"] = "rejected"  # postroom dead-lettered it already
-    record_given_up(cast(Any, store), message)
+    message.headers["x-death"][0]["reason"] = "rejected"
+    record_given_up(cast(Any, store), message, hold=_no_hold)
     assert store.added == []
     assert message.done == ["ack"]
+
+
+def _died_in_a_delay_queue_first(message: _Message) -> _Message:
+    """As RabbitMQ 3.10 hands over a scheduled (or retried) message given up in its queue: its
+    first death is its TTL's in the delay queue, its last (first in x-death) the delivery limit."""
+    message.headers |= {
+        "x-first-death-queue": "commands.probe.delay.100",
+        "x-first-death-reason": "expired",
+        "x-first-death-exchange": "",
+        "x-death": [
+            {"queue": "commands.probe", "reason": "delivery_limit", "count": 1},
+            {"queue": "commands.probe.delay.100", "reason": "expired", "count": 1},
+        ],
+    }
+    return message
+
+
+def test_a_message_given_up_after_its_delay_queue_is_recorded_as_one_of_the_queue_it_died_in_last() -> (
+    None
+):
+    message, store = _died_in_a_delay_queue_first(_Message()), _Store(fails=False)
+    record_given_up(cast(Any, store), message, hold=_no_hold)
+    [letter] = store.added
+    assert (letter.reason, letter.queue) == ("delivery-limit", "commands.probe")
+    assert "'commands.probe' (delivery_limit)" in letter.error_message
+    assert message.done == ["ack"]
+
+
+def test_rabbitmqs_last_death_headers_name_the_queue_where_they_are_set() -> None:
+    message = _died_in_a_delay_queue_first(_Message())  # RabbitMQ 3.13+ adds x-last-death-*
+    message.headers |= {
+        "x-last-death-queue": "events.pool_a",
+        "x-last-death-reason": "delivery_limit",
+    }
+    assert last_death(message.headers) == ("events.pool_a", "delivery_limit")
+    record_given_up(cast(Any, store := _Store(fails=False)), message, hold=_no_hold)
+    assert store.added[0].queue == "events.pool_a"
+    assert "x-last-death-queue" not in store.added[0].headers
+
+
+def test_a_message_rejected_after_its_delay_queue_is_acknowledged_unrecorded() -> None:
+    message, store = _died_in_a_delay_queue_first(_Message()), _Store(fails=False)
+    message.headers["x-death"][0]["reason"] = "rejected"  # postroom dead-lettered it already
+    record_given_up(cast(Any, store), message, hold=_no_hold)
+    assert (store.added, message.done) == ([], ["ack"])
