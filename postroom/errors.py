@@ -126,5 +126,13 @@ class AlreadyHandled(PostroomError):
     """
 
 
+class OutOfLine(PostroomError):
+    """A dead letter that cannot be redriven or purged now without breaking its key's order."""
+
+
+class NoSuchLetter(PostroomError, LookupError):
+    """No dead letter has that ID (it was redriven or purged already)."""
+
+
 class NotInstalled(PostroomError, RuntimeError):
     """The Celery app was never given postroom.install(app, settings); nothing would be routed."""

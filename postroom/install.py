@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import celery
@@ -34,7 +34,7 @@ from postroom.eventlog import RedisStreamStore
 from postroom.outbox import Removals
 from postroom.pipeline import Pipeline, Runtime, Step, default_steps
 from postroom.registry import registry
-from postroom.reliability import Reliability
+from postroom.reliability import Reliability, redrive
 from postroom.retries import RetryPolicy
 from postroom.routing import Router
 from postroom.settings import Settings
@@ -99,6 +99,7 @@ class Installation:
             stores=dict(self.stores),
             removals=Removals(),
             breakers=self.breakers,
+            redrive=partial(redrive, self.app),
         )
 
     @cached_property

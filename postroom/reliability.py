@@ -25,6 +25,7 @@ import redis
 from postroom._celery.redispy import take_queued
 from postroom.headers import uuid7
 from postroom.outbox import Entry
+from postroom.parking import RedisLines
 
 
 def derived_id(parent: str, n: int) -> str:
@@ -262,6 +263,9 @@ class DeadLetter:
     attempts: int = 1
     at: float = field(default_factory=time.time)
     id: str = field(default_factory=uuid7)
+    #: a partitioned command's key value: the letter heads that key's line, or waits in it
+    #: (reason "parked"; see postroom.parking)
+    partition: str | None = None
 
     @classmethod
     def raw_body(cls, body: bytes | str) -> tuple[str, str]:
@@ -277,15 +281,16 @@ class DeadLetter:
         return base64.b64decode(self.body) if self.body_encoding == "base64" else self.body.encode()
 
 
-class DeadLetters:
-    """The dead-letter store: one JSON record per letter, indexed by time."""
+class DeadLetters(RedisLines):
+    """The dead-letter store: one JSON record per letter, indexed by time, and the lines of
+    partition keys whose messages wait behind one of them (postroom.parking)."""
 
     def __init__(self, config: Reliability) -> None:
-        self.client = config.client
-        self._index = f"{config.namespace}:dlq"
-        self._prefix = f"{config.namespace}:dlq:letter:"
+        super().__init__(config.client, config.namespace)
 
     def add(self, letter: DeadLetter) -> str:
+        if letter.partition is not None:
+            return self.head(letter)
         with self.client.pipeline() as pipe:
             pipe.set(self._prefix + letter.id, json.dumps(asdict(letter), default=str))
             pipe.zadd(self._index, {letter.id: letter.at})
@@ -308,9 +313,11 @@ class DeadLetters:
         return bool(deleted)
 
     def purge(self) -> int:
+        """Every letter goes, and with them every line: the keys they held flow again."""
         ids = self.ids()
         for letter_id in ids:
             self.remove(letter_id)
+        self.unpark_all()
         return len(ids)
 
     def __len__(self) -> int:

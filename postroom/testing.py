@@ -39,6 +39,7 @@ from postroom.breakers import Breakers, MemoryBreakers
 from postroom.errors import InvalidMessage, ReplyTimeout, WrongMessageKind
 from postroom.headers import Envelope
 from postroom.messages import Command, Event, Message, Query, Reply
+from postroom.parking import purge_one, redrive_all, redrive_one
 from postroom.partitions import partition_of
 from postroom.pipeline import Delivery, Pipeline, Runtime, Step, default_steps, kind_of
 from postroom.registry import registry
@@ -133,6 +134,7 @@ class Harness:
             sleep=self.clock.sleep,
             clock=lambda: self.clock.now,
             stores=dict(stores or {}),
+            redrive=self._redriven,
             breakers=Breakers(
                 MemoryBreakers(),
                 breaker_failures,
@@ -232,6 +234,20 @@ class Harness:
             raise InvalidMessage(f"{sent.correlation_id} was never sent through this harness")
         self._enqueue(_fresh(originals[0]))
 
+    def redrive(self, letter_id: str | None = None) -> list[str]:
+        """Send a dead letter back to its queue (every one without ``letter_id``), as
+        ``postroom dlq redrive`` does: a line's head takes the messages parked behind it along,
+        one by one, in order, and a parked one alone is refused (``OutOfLine``). Nothing runs
+        until ``run()``; what was done, a sentence per letter."""
+        letters = self._dead_letters
+        if letter_id is None:
+            return redrive_all(letters, self._redriven)
+        return [redrive_one(letters, self._redriven, letter_id)]
+
+    def purge(self, letter_id: str) -> str:
+        """Delete a dead letter, as ``postroom dlq purge ID`` does (never a parked one alone)."""
+        return purge_one(self._dead_letters, letter_id)
+
     def run(self, max_messages: int = 10_000) -> int:
         """Handle queued messages in due order until none is left; the number handled.
 
@@ -265,6 +281,30 @@ class Harness:
         elif outcome.reply is not None:
             reply = Reply.model_validate(outcome.reply)
             self.replies[reply.correlation_id] = reply
+
+    def _redriven(self, letter: DeadLetter) -> None:
+        """Queue a decoded dead letter again, with its headers and message ID."""
+        if letter.kwargs is None:
+            raise InvalidMessage(f"{letter.id} never decoded: the harness cannot redrive it")
+        handler = registry.owner_of(letter.task) or registry.subscriber(letter.task, letter.owner)
+        assert handler is not None, f"no handler of {letter.task} is registered"
+        kind = kind_of(handler.contract)
+        self._enqueue(
+            Delivery(
+                runtime=self.runtime,
+                handler=handler,
+                kind=kind,
+                owner=letter.owner,
+                queue=letter.queue,
+                name=letter.task
+                if kind != "event"
+                else event_delivery_name(letter.task, letter.owner),
+                task_id=letter.task_id,
+                headers=letter.headers,
+                args=(),
+                body=letter.kwargs,
+            )
+        )
 
     def _enqueue(self, delivery: Delivery, delay: float = 0.0) -> None:
         if delivery.handler is None and delivery.kind != "event":

@@ -152,6 +152,8 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         """The outcome in Celery's terms: a result, a FAILURE carrying the reply, or a retry."""
         if outcome.status == "held":  # its breaker is open: not run, the same attempt later
             self.redelay(delivery, time() + outcome.delay, held=True)
+        if outcome.status == "parked":  # kept behind its key's dead letter: its reply comes
+            raise Ignore()  # when it runs, so nothing is recorded now; acknowledged
         if outcome.status == "retry":
             # Task.retry() counts the retry and tells Flower (RETRY); its countdown would hold the
             # message in this worker, so the broker holds it instead (postroom._celery.delays),

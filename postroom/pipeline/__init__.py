@@ -15,6 +15,7 @@ from functools import partial
 from postroom.pipeline.breaker import Breaker
 from postroom.pipeline.context import HandlerContext
 from postroom.pipeline.delivery import Delivery, Kind, Outcome, Runtime, kind_of
+from postroom.pipeline.parking import Park
 from postroom.pipeline.steps import (
     Commit,
     DeadLetter,
@@ -43,6 +44,7 @@ __all__ = [
     "Kind",
     "Next",
     "Outcome",
+    "Park",
     "Pipeline",
     "PoisonMessage",
     "Runtime",
@@ -62,6 +64,7 @@ def default_steps(extra: Sequence[Step] = ()) -> list[Step]:
         VerifySignature(),
         Upcast(),
         Validate(),
+        Park(),
         Dedupe(),
         PoisonGuard(),
         Breaker(),

@@ -22,13 +22,15 @@ from postroom.signing import Signer
 
 if TYPE_CHECKING:
     from postroom.pipeline.context import HandlerContext
+    from postroom.reliability import DeadLetter
     from postroom.stores import DeadLetterStore, InboxStore
 
 Kind = Literal["command", "query", "event"]
 #: succeeded / rejected / failed: a command's or query's reply; handled: an event delivery done;
 #: retry: run again after ``Outcome.delay`` seconds, from the broker; held: not run (its breaker
-#: is open), back from the broker after ``Outcome.delay`` seconds as the same attempt
-Status = Literal["succeeded", "rejected", "failed", "handled", "retry", "held"]
+#: is open), back from the broker after ``Outcome.delay`` seconds as the same attempt, nothing
+#: is recorded; parked: not run, kept behind its key's dead letter (postroom.parking), acknowledged
+Status = Literal["succeeded", "rejected", "failed", "handled", "retry", "held", "parked"]
 
 
 class Publisher(Protocol):
@@ -73,6 +75,8 @@ class Runtime:
     stores: Mapping[str, InboxStore] = field(default_factory=dict)
     #: batches the removal of sent outbox entries (a worker's); None removes them at once
     removals: Removals | None = None
+    #: sends a dead letter back to its queue (the next of a parked key's line, postroom.parking)
+    redrive: Callable[[DeadLetter], None] | None = None
 
     def store(self, owner: str) -> InboxStore:
         return self.stores.get(owner, self.inbox)
@@ -125,6 +129,17 @@ class Delivery:
     @property
     def partitioned(self) -> bool:
         return self.handler is not None and self.handler.contract.__partition_key__ is not None
+
+    @property
+    def partition(self) -> str | None:
+        """A validated partitioned command's key value: what its key's line is known by.
+
+        (Events and queries are not ordered by key; an invalid message has no trustworthy key.)
+        """
+        if self.kind != "command" or self.message is None or not self.partitioned:
+            return None
+        assert self.handler is not None
+        return str(getattr(self.message, str(self.handler.contract.__partition_key__)))
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The steps every message goes through, outermost first. Each does one thing and is small.
 
 ```
- Trace ─ Log ─ DeadLetter ─ Decode ─ VerifySignature ─ Upcast ─ Validate ─ Dedupe ─ PoisonGuard
-   ─ Breaker ─ Retry ─ Commit ─ [your steps] ─ Run
+ Trace ─ Log ─ DeadLetter ─ Decode ─ VerifySignature ─ Upcast ─ Validate ─ Park ─ Dedupe
+   ─ PoisonGuard ─ Breaker ─ Retry ─ Commit ─ [your steps] ─ Run
 ```
 
-(Breaker is postroom.pipeline.breaker.) A step is called with the delivery and the rest of the pipeline (``call_next``); it may act
+(Breaker is postroom.pipeline.breaker, Park postroom.pipeline.parking.) A step is called with the delivery and the rest of the pipeline (``call_next``); it may act
 before, after, or instead of calling it. An inner step that cannot go on raises ``GiveUp`` with
 a reason, and DeadLetter keeps the message with that reason.
 """
@@ -154,21 +154,16 @@ class DeadLetter(Step):
             return Outcome("retry", error=exc, delay=retry.backoff_max)
 
     def give_up(self, delivery: Delivery, stop: GiveUp) -> Outcome:
+        """A partitioned command's letter heads its key's line: the key's later messages wait
+        behind it (postroom.parking)."""
         runtime, error = delivery.runtime, stop.error
-        headers = {k: v for k, v in delivery.headers.items() if k != "x-death"}
         runtime.dead_letters.add(
-            Letter(
-                reason=stop.reason,
-                error_type=type(error).__name__,
-                error_message=str(error),
-                queue=delivery.queue,
-                owner=delivery.owner,
-                task=delivery.name.partition("@")[0],
-                task_id=delivery.task_id,
-                headers=headers,
-                kwargs=delivery.body,
-                traceback="".join(traceback.format_exception(error)),
-                attempts=delivery.attempt,
+            letter_of(
+                delivery,
+                stop.reason,
+                type(error).__name__,
+                str(error),
+                "".join(traceback.format_exception(error)),
             )
         )
         refused = stop.reason in {"invalid", "unknown"}
@@ -189,6 +184,26 @@ class DeadLetter(Step):
         status: Status = "rejected" if refused else "failed"
         answer = None if delivery.kind == "event" else reply(delivery, status, error=error)
         return Outcome(status, reply=answer, error=error)
+
+
+def letter_of(
+    delivery: Delivery, reason: str, error_type: str, error_message: str, trace: str = ""
+) -> Letter:
+    """The dead letter that keeps this delivery as it was received, to be redriven."""
+    return Letter(
+        reason=reason,
+        error_type=error_type,
+        error_message=error_message,
+        queue=delivery.queue,
+        owner=delivery.owner,
+        task=delivery.name.partition("@")[0],
+        task_id=delivery.task_id,
+        headers={k: v for k, v in delivery.headers.items() if k != "x-death"},
+        kwargs=delivery.body,
+        traceback=trace,
+        attempts=delivery.attempt,
+        partition=delivery.partition,
+    )
 
 
 class Decode(Step):

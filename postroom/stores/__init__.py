@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from postroom.outbox import Entry
+    from postroom.parking import Admission, Line
     from postroom.reliability import DeadLetter
 
 
@@ -54,5 +55,29 @@ class InboxStore(Protocol):
 
 
 class DeadLetterStore(Protocol):
+    """The dead letters, and the lines of the partition keys parked behind one (see
+    postroom.parking for what each line operation means)."""
+
     def add(self, letter: DeadLetter) -> str:
-        """Keep the letter; its ID."""
+        """Keep the letter; its ID. A partitioned one (``letter.partition``) heads its key's line."""
+
+    def get(self, letter_id: str) -> DeadLetter | None: ...
+
+    def ids(self, limit: int | None = None) -> list[str]:
+        """The letters' IDs, oldest first."""
+
+    def remove(self, letter_id: str) -> bool: ...
+
+    def waiting(self, owner: str, key: str) -> str | None: ...
+
+    def park(self, letter: DeadLetter) -> Admission: ...
+
+    def line(self, owner: str, key: str) -> Line | None: ...
+
+    def start(self, owner: str, key: str, message_id: str) -> str: ...
+
+    def following(self, owner: str, key: str, message_id: str) -> str | None: ...
+
+    def advance(self, owner: str, key: str, message_id: str) -> None: ...
+
+    def drop_head(self, owner: str, key: str, message_id: str) -> str: ...

@@ -11,12 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from postroom.errors import PostroomError
 from postroom.outbox import Entry
+from postroom.parking import Admission, Line, message_id_of
 from postroom.reliability import DeadLetter
 
 
@@ -102,10 +104,116 @@ class MemoryInbox:
         return None if found is None else dict(found)
 
 
+@dataclass
+class _Line:
+    """One parked key: "" while blocked, else the message ID of the head being redriven."""
+
+    state: str = ""
+    order: list[str] = field(default_factory=list)  # message IDs
+    letters: dict[str, str] = field(default_factory=dict)  # message ID -> letter ID
+
+
 class MemoryDeadLetters:
+    """The Redis store's rules (postroom.parking's scripts), each step under one lock."""
+
     def __init__(self) -> None:
-        self.letters: list[DeadLetter] = []
+        self._letters: dict[str, DeadLetter] = {}
+        self._lines: dict[tuple[str, str], _Line] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def letters(self) -> list[DeadLetter]:
+        """Oldest first, as the Redis store's index has them."""
+        return sorted(self._letters.values(), key=lambda letter: letter.at)
 
     def add(self, letter: DeadLetter) -> str:
-        self.letters.append(letter)
+        with self._lock:
+            self._letters[letter.id] = letter
+            if letter.partition is not None:
+                line = self._lines.setdefault((letter.owner, letter.partition), _Line())
+                message_id = message_id_of(letter)
+                if message_id in line.letters:
+                    self._letters.pop(line.letters[message_id], None)
+                    line.order.remove(message_id)
+                line.order.insert(0, message_id)
+                line.letters[message_id] = letter.id
+                line.state = ""
         return letter.id
+
+    def get(self, letter_id: str) -> DeadLetter | None:
+        return self._letters.get(letter_id)
+
+    def ids(self, limit: int | None = None) -> list[str]:
+        return [letter.id for letter in self.letters][:limit]
+
+    def remove(self, letter_id: str) -> bool:
+        with self._lock:
+            return self._letters.pop(letter_id, None) is not None
+
+    def waiting(self, owner: str, key: str) -> str | None:
+        line = self._lines.get((owner, key))
+        return None if line is None else line.state
+
+    def park(self, letter: DeadLetter) -> Admission:
+        assert letter.partition is not None
+        message_id = message_id_of(letter)
+        with self._lock:
+            line = self._lines.get((letter.owner, letter.partition))
+            if line is None:
+                return "free"
+            if line.state == message_id:
+                return "next"
+            if message_id not in line.letters:
+                line.order.append(message_id)
+                line.letters[message_id] = letter.id
+                self._letters[letter.id] = letter
+            return "parked"
+
+    def line(self, owner: str, key: str) -> Line | None:
+        found = self._lines.get((owner, key))
+        if found is None or not found.order:
+            return None
+        return Line([found.letters[m] for m in found.order], redriving=found.state != "")
+
+    def start(self, owner: str, key: str, message_id: str) -> str:
+        with self._lock:
+            line = self._lines.get((owner, key))
+            if line is None:
+                return "gone"
+            if line.order[0] != message_id:
+                return "behind"
+            if line.state == message_id:
+                return "again"
+            line.state = message_id
+            return "started"
+
+    def following(self, owner: str, key: str, message_id: str) -> str | None:
+        line = self._lines.get((owner, key))
+        if line is None or line.state != message_id or len(line.order) < 2:
+            return None
+        return line.letters[line.order[1]]
+
+    def advance(self, owner: str, key: str, message_id: str) -> None:
+        self._drop(owner, key, message_id, ran=True)
+
+    def drop_head(self, owner: str, key: str, message_id: str) -> str:
+        return self._drop(owner, key, message_id, ran=False)
+
+    def _drop(self, owner: str, key: str, message_id: str, *, ran: bool) -> str:
+        with self._lock:
+            line = self._lines.get((owner, key))
+            if line is None:
+                return "gone"
+            if line.order[0] != message_id:
+                return "behind"
+            if ran and line.state != message_id:
+                return "gone"
+            if not ran and line.state != "":
+                return "redriving"
+            line.order.pop(0)
+            self._letters.pop(line.letters.pop(message_id), None)
+            if not line.order:
+                del self._lines[owner, key]
+            elif ran:
+                line.state = line.order[0]
+            return "dropped"

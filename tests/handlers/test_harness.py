@@ -230,10 +230,12 @@ def test_a_message_whose_dead_letter_cannot_be_kept_yet_goes_back_until_it_can()
 def test_a_partitioned_command_is_retried_in_place_before_the_ones_behind_it() -> None:
     harness = Harness(retry=RetryPolicy(max_retries=2, backoff=0.1))
     first = harness.send(Water(bed="north", seq=0, failures=99))
-    second = harness.send(Water(bed="north", seq=1))
+    harness.send(Water(bed="north", seq=1))  # parked behind the first once it fails for good
+    other = harness.send(Water(bed="south", seq=2))
     assert first.reply().status == "failed"
-    assert second.reply().status == "succeeded"
-    assert calls == ["water 0:1", "water 0:2", "water 0:3", "water 1:1"]
+    assert other.reply().status == "succeeded"
+    assert calls == ["water 0:1", "water 0:2", "water 0:3", "water 2:1"]
+    assert [d.reason for d in harness.dead_letters] == ["failed", "parked"]
 
 
 def test_an_event_published_before_a_rejection_is_never_delivered(
