@@ -136,7 +136,7 @@ _RESET = "\x1b[0m"
 BOLD, DIM, RED, YELLOW = "\x1b[1m", "\x1b[2m", "\x1b[31m", "\x1b[33m"
 #: pool colours: neither red nor yellow, which mean rejected/failed and warnings/errors
 POOL_COLOURS = tuple(f"\x1b[{code}m" for code in (36, 32, 35, 34, 96, 92, 95, 94))
-OUTCOME_COLOURS = {"rejected": YELLOW, "retry": YELLOW, "failed": RED}
+OUTCOME_COLOURS = {"rejected": YELLOW, "retry": YELLOW, "parked": YELLOW, "failed": RED}
 LEVEL_COLOURS = {"WARNING": YELLOW, "ERROR": RED, "CRITICAL": RED}
 
 

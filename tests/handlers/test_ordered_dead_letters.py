@@ -20,6 +20,10 @@ class Deliver(Command, service=SERVICE, partition_key="parcel"):
     seq: int
 
 
+class Unordered(Command, service=SERVICE):
+    parcel: str
+
+
 class Broken(Exception):
     """Not transient: the message is dead-lettered at once."""
 
@@ -29,6 +33,11 @@ def deliver(cmd: Deliver, ctx: HandlerContext) -> None:
     if (cmd.parcel, cmd.seq) in failing:
         raise Broken(f"{cmd.parcel}#{cmd.seq} fails on purpose")
     ran.append((cmd.parcel, cmd.seq))
+
+
+@handles(Unordered)
+def unordered(cmd: Unordered, ctx: HandlerContext) -> None:
+    ran.append((cmd.parcel, -1))
 
 
 @pytest.fixture(autouse=True)
@@ -162,3 +171,21 @@ def test_a_duplicate_of_a_parked_message_is_kept_once() -> None:
     harness.redrive()
     harness.run()
     assert sequence("a") == [0, 1]
+
+
+def test_a_partitioned_command_costs_one_lookup_of_its_key_and_other_messages_none() -> None:
+    harness = Harness()
+    store, asked = harness.runtime.dead_letters, []
+    look = store.waiting
+
+    def counted(owner: str, key: str) -> str | None:
+        asked.append(key)
+        return look(owner, key)
+
+    store.waiting = counted  # type: ignore[method-assign]
+    send(harness, ["a", "b"], range(3))
+    assert asked == ["a", "b"] * 3
+    asked.clear()
+    harness.send(Unordered(parcel="a"))
+    harness.run()
+    assert asked == []

@@ -1,11 +1,11 @@
-"""A partitioned contract for the ordering tests: each handled message appends its sequence number
+"""Partitioned contracts for the ordering tests: each handled message appends its sequence number
 to its key's list, in the same transaction as the inbox mark, so the lists show the handling order
 exactly (a lost message is a gap, a doubled one a repeat)."""
 
 from __future__ import annotations
 
 from postroom import Command, HandlerContext, TransientError, handles
-from tasks.state import key
+from tasks.state import client, key
 
 
 class MoveTo(Command, service="ordered", partition_key="asset"):
@@ -23,3 +23,30 @@ def move_to(cmd: MoveTo, ctx: HandlerContext) -> None:
     if cmd.flaky and ctx.attempt == 1:
         raise TransientError("the first attempt of a flaky position fails")
     ctx.transaction().rpush(handled(cmd.asset), cmd.seq)
+
+
+class Hop(Command, service="ordered", partition_key="parcel"):
+    """A parcel's hops, for the ordered dead letters: each one fails for good while the switch
+    (the Redis set ``failing``) holds ``<parcel>:<seq>``."""
+
+    parcel: str
+    seq: int
+
+
+class Broken(Exception):
+    """Not transient: the hop is dead-lettered at its first failure."""
+
+
+def failing() -> str:
+    return key("ordered", "failing")
+
+
+def hopped(parcel: str) -> str:
+    return key("ordered", "hopped", parcel)
+
+
+@handles(Hop)
+def hop(cmd: Hop, ctx: HandlerContext) -> None:
+    if client().sismember(failing(), f"{cmd.parcel}:{cmd.seq}"):
+        raise Broken(f"hop {cmd.seq} of {cmd.parcel} fails on purpose")
+    ctx.transaction().rpush(hopped(cmd.parcel), cmd.seq)
