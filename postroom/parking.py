@@ -221,6 +221,23 @@ class RedisLines:
             self.client.delete(name)
 
 
+def _find(letters: DeadLetterStore, letter_id: str) -> tuple[DeadLetter, Line | None]:
+    """The letter and the line it is in (None: it is in none).
+
+    A line drains while a redrive or purge looks at it: a letter read just before its line ran
+    it is gone once the line is read, and must not be sent again as a letter on its own.
+    """
+    letter = letters.get(letter_id)
+    line = None
+    if letter is not None and letter.partition is not None:
+        line = letters.line(letter.owner, letter.partition)
+        if line is None or letter_id not in line.letter_ids:
+            letter, line = letters.get(letter_id), None
+    if letter is None:
+        raise NoSuchLetter(f"no dead letter {letter_id} (redriven or purged already?)")
+    return letter, line
+
+
 def redrive_one(
     letters: DeadLetterStore, send: Callable[[DeadLetter], None], letter_id: str
 ) -> str:
@@ -229,15 +246,14 @@ def redrive_one(
     A line's head drains its whole line, in order; a letter parked behind a head is refused
     (``OutOfLine``): run alone it would overtake its head.
     """
-    letter = letters.get(letter_id)
-    if letter is None:
-        raise NoSuchLetter(f"no dead letter {letter_id}")
-    line = None if letter.partition is None else letters.line(letter.owner, letter.partition)
-    if line is None or letter.partition is None:  # not in a line (any more): on its own
+    letter, line = _find(letters, letter_id)
+    if line is None or letter.partition is None:
         send(letter)
         letters.remove(letter_id)
         return f"redriven {letter_id} to {letter.queue}"
     started = letters.start(letter.owner, letter.partition, message_id_of(letter))
+    if started == "gone":  # purged meanwhile, with its line
+        raise NoSuchLetter(f"no dead letter {letter_id} (purged meanwhile)")
     if started == "behind":
         raise OutOfLine(
             f"{letter_id} is parked behind {line.head}, an earlier message of its key "
@@ -257,24 +273,19 @@ def redrive_all(letters: DeadLetterStore, send: Callable[[DeadLetter], None]) ->
     line being redriven already is left to drain."""
     done = []
     for letter_id in letters.ids():
-        letter = letters.get(letter_id)
-        if letter is None:
-            continue
-        if letter.partition is not None:
-            line = letters.line(letter.owner, letter.partition)
-            if line is not None and (line.head != letter_id or line.redriving):
-                continue
-        done.append(redrive_one(letters, send, letter_id))
+        try:
+            _, line = _find(letters, letter_id)
+            if line is None or (line.head == letter_id and not line.redriving):
+                done.append(redrive_one(letters, send, letter_id))
+        except NoSuchLetter:
+            continue  # it ran with its line meanwhile
     return done
 
 
 def purge_one(letters: DeadLetterStore, letter_id: str) -> str:
     """Delete one dead letter (``postroom dlq purge ID``); a line's head only while it is blocked
     (its parked messages stay parked, the first of them now the head), never a parked one."""
-    letter = letters.get(letter_id)
-    if letter is None:
-        raise NoSuchLetter(f"no dead letter {letter_id}")
-    line = None if letter.partition is None else letters.line(letter.owner, letter.partition)
+    letter, line = _find(letters, letter_id)
     if line is None or letter.partition is None:
         letters.remove(letter_id)
         return f"purged {letter_id}"

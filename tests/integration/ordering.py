@@ -4,6 +4,8 @@ exactly (a lost message is a gap, a doubled one a repeat)."""
 
 from __future__ import annotations
 
+import time
+
 from postroom import Command, HandlerContext, TransientError, handles
 from tasks.state import client, key
 
@@ -31,6 +33,7 @@ class Hop(Command, service="ordered", partition_key="parcel"):
 
     parcel: str
     seq: int
+    pause: float = 0.0  # seconds each run takes, so a test can kill a worker mid-way
 
 
 class Broken(Exception):
@@ -49,4 +52,5 @@ def hopped(parcel: str) -> str:
 def hop(cmd: Hop, ctx: HandlerContext) -> None:
     if client().sismember(failing(), f"{cmd.parcel}:{cmd.seq}"):
         raise Broken(f"hop {cmd.seq} of {cmd.parcel} fails on purpose")
+    time.sleep(cmd.pause)
     ctx.transaction().rpush(hopped(cmd.parcel), cmd.seq)

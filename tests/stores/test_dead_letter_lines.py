@@ -12,7 +12,7 @@ import redis
 
 from postroom.errors import OutOfLine
 from postroom.headers import MESSAGE_ID
-from postroom.parking import purge_one, redrive_all, redrive_one
+from postroom.parking import Line, purge_one, redrive_all, redrive_one
 from postroom.reliability import DeadLetter, Reliability
 from postroom.stores import DeadLetterStore
 from postroom.stores.memory import MemoryDeadLetters
@@ -128,3 +128,26 @@ def test_purging_every_letter_lets_every_parked_key_flow_again() -> None:
     assert store.purge() == 2
     assert (store.waiting("s", "k1"), store.line("s", "k1"), store.ids()) == (None, None, [])
     assert store.park(letter(2)) == "free"
+
+
+def test_a_line_that_drains_while_redrive_all_runs_is_not_sent_again(
+    letters: DeadLetterStore,
+) -> None:
+    sent: list[str] = []
+    look = letters.line
+
+    def send(found: DeadLetter) -> None:
+        sent.append(found.headers[MESSAGE_ID])
+
+    def drained_meanwhile(owner: str, key: str) -> Line | None:
+        if sent and letters.waiting(owner, key):  # a fast worker runs the line as it is read
+            for message_id in ("m0", "m1"):
+                letters.advance(owner, key, message_id)
+        return look(owner, key)
+
+    letters.line = drained_meanwhile  # type: ignore[method-assign]
+    letters.add(letter(0, "failed"))
+    letters.park(letter(1))
+    assert len(redrive_all(letters, send)) == 1
+    assert sent == ["m0"]  # m1 ran with its line: its letter, read before, is not sent alone
+    assert letters.ids() == []
