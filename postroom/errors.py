@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CircuitOpen",
     "ConfigurationError",
     "ContractError",
     "DuplicateHandler",
@@ -79,6 +80,11 @@ class Rejected(PostroomError):
 
 class TransientError(PostroomError):
     """Raised by a handler for a failure worth retrying (with backoff) before giving up."""
+
+
+class CircuitOpen(PostroomError):
+    """A handler's circuit breaker is open: its message was held, not run, or a query's
+    fallback had no answer for it."""
 
 
 class SendFailed(PostroomError, ConnectionError):
