@@ -176,8 +176,12 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
     def settle(self, delivery: Delivery, outcome: Outcome) -> Any:
         """The outcome in Celery's terms: a result, a FAILURE carrying the reply, or a retry."""
         if outcome.status == "held":  # its breaker is open: not run, the same attempt later
-            self.held(outcome, time() + outcome.delay)
-            self.redelay(delivery, time() + outcome.delay, held=True)
+            due = time() + outcome.delay
+            try:
+                self.redelay(delivery, due, held=True)
+            except Ignore:  # sent back: its task-sent event is out, so HELD's fields last
+                self.held(outcome, due)
+                raise
         if outcome.status == "retry":
             # Task.retry() counts the retry and tells Flower (RETRY); its countdown would hold the
             # message in this worker, so the broker holds it instead (postroom._celery.delays),
