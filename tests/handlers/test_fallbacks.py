@@ -141,9 +141,14 @@ def test_a_fallback_with_no_answer_fails_the_query_at_once(harness: Harness) -> 
     assert harness.dead_letters == []  # a query changes nothing: there is nothing to redo
 
 
-def test_a_fallback_that_raises_fails_the_query_at_once_saying_why(harness: Harness) -> None:
+def test_a_fallback_that_raises_fails_the_query_at_once_saying_why(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
     feed["up"] = False
-    reply = harness.ask(GetSpread(symbol="ACME"))
+    with caplog.at_level("WARNING", logger="postroom.breakers"):
+        reply = harness.ask(GetSpread(symbol="ACME"))
+    (logged,) = [r for r in caplog.records if "the fallback raised" in r.getMessage()]
+    assert logged.exc_info is not None
     assert reply.error is not None
     assert (reply.status, reply.error.type) == ("failed", "CircuitOpen")
     assert "its fallback raised KeyError('ACME')" in reply.error.message

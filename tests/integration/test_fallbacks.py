@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import urllib.error
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,6 +71,7 @@ def test_while_the_breaker_is_open_the_fallback_answers_at_once_flagged_then_the
         {"sensor": "s1", "n": 1},
         True,
     )
+    assert bus.reply_for(opening.correlation_id, timeout=5).fallback is True  # as stored
     (breaker,) = [s for s in RedisBreakers(state, broker.namespace).states() if s.name == READINGS]
     took = []
     for _ in range(ASKS):
@@ -116,6 +118,7 @@ def test_flower_shows_a_message_its_breaker_holds_as_held_until_it_runs(
     assert f"CircuitOpen(\"{CALLS}'s circuit breaker is open: held" in held["exception"]
     assert held["eta"]  # when it is back, at the earliest
     assert pending.correlation_id in flower.api("/api/tasks?state=HELD")
+    assert pending.correlation_id in _searched(flower, "state:HELD")
     page = flower.get(f"/task/{pending.correlation_id}")  # the task's page, as a person sees it
     assert ">HELD</span>" in page
     assert "circuit breaker is open: held" in page
@@ -143,6 +146,22 @@ def _task(flower: Flower, task_id: str, shown: Any) -> dict[str, Any]:
     except AssertionError:
         pytest.fail(f"Flower never showed {task_id} as expected: {found}")
     return found
+
+
+def _searched(flower: Flower, search: str) -> list[str]:
+    """The task IDs the tasks page lists for what is typed in its search box."""
+    query = urllib.parse.urlencode(
+        {
+            "draw": 1,
+            "start": 0,
+            "length": 100,
+            "search[value]": search,
+            "order[0][column]": 0,
+            "columns[0][data]": "received",
+            "order[0][dir]": "desc",
+        }
+    )
+    return [row["uuid"] for row in flower.api(f"/tasks/datatable?{query}")["data"]]
 
 
 def _postroom(broker: BrokerContext, *args: str) -> str:
