@@ -10,6 +10,7 @@ from typing import Any
 
 __all__ = [
     "CircuitOpen",
+    "CircuitOpenReply",
     "ConfigurationError",
     "ContractError",
     "DuplicateHandler",
@@ -122,6 +123,11 @@ class RejectedReply(Unsuccessful):
 
 class FailedReply(Unsuccessful):
     """The handler broke, or a transient failure outlived its retries."""
+
+
+class CircuitOpenReply(FailedReply):
+    """A query's breaker is open and its fallback had no answer: a failure its worker expects,
+    so Celery logs it in a line, without a traceback."""
 
 
 class AlreadyHandled(PostroomError):

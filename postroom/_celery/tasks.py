@@ -29,7 +29,13 @@ from celery.worker.request import Request
 from kombu.exceptions import OperationalError
 
 from postroom._celery import delays
-from postroom.errors import ContractError, FailedReply, RejectedReply
+from postroom.errors import (
+    CircuitOpen,
+    CircuitOpenReply,
+    ContractError,
+    FailedReply,
+    RejectedReply,
+)
 from postroom.headers import MESSAGE_ID, REPLAY
 from postroom.pipeline import Delivery, Kind, Outcome
 from postroom.pipeline.steps import replayed_id
@@ -87,7 +93,8 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
     # postroom's Retry step keeps the budget (POSTROOM_MAX_RETRIES); Celery's own limit (3 by
     # default) would raise the error of a fourth retry instead of sending it, and lose the message
     max_retries = None
-    throws = (RejectedReply,)  # an expected outcome: recorded as FAILURE, not logged as an error
+    # expected outcomes: recorded as FAILURE, logged without a traceback
+    throws = (RejectedReply, CircuitOpenReply)
     kind: Kind
     handler: Handler | None = None  # commands and queries: the one owner's
 
@@ -200,6 +207,8 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         if outcome.status == "rejected":
             raise RejectedReply(outcome.reply)
         if outcome.status == "failed":
+            if isinstance(outcome.error, CircuitOpen):  # a query's fallback had no answer
+                raise CircuitOpenReply(outcome.reply)
             raise FailedReply(outcome.reply) from outcome.error
         return outcome.reply
 

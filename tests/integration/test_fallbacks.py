@@ -91,6 +91,8 @@ def test_while_the_breaker_is_open_the_fallback_answers_at_once_flagged_then_the
     assert unknown.error.type == "CircuitOpen"
     assert "its fallback had no answer" in unknown.error.message
     assert state.get(broker.key(SERVICE, "readings", "runs_while_down")) == "3"  # none ran it
+    quiet = f"GetReading[{unknown.correlation_id}] raised expected: CircuitOpenReply("
+    wait_for(lambda: quiet in _logs(broker), timeout=10)  # a line, not an error's traceback
 
     state.delete(down)
     answers: list[Any] = []
@@ -162,6 +164,10 @@ def _searched(flower: Flower, search: str) -> list[str]:
         }
     )
     return [row["uuid"] for row in flower.api(f"/tasks/datatable?{query}")["data"]]
+
+
+def _logs(broker: BrokerContext) -> str:
+    return "".join(worker.output() for worker in broker.workers)
 
 
 def _postroom(broker: BrokerContext, *args: str) -> str:
