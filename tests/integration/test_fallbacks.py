@@ -106,9 +106,11 @@ def test_while_the_breaker_is_open_the_fallback_answers_at_once_flagged_then_the
     assert {a.value["n"] for a in answers[:-1]} <= {1}  # until then, the last one known
     assert bus.ask(GetReading(sensor="s1"), timeout=30).value == {"sensor": "s1", "n": 3}
 
-    # Flower shows the fallback's answer as the query task's result
+    # Flower shows the fallback's answer as the query task's result, and no answer as a failure
     info = _task(flower, opening.correlation_id, lambda t: t.get("state") == "SUCCESS")
     assert "'fallback': True" in info["result"]
+    failed = _task(flower, unknown.correlation_id, lambda t: t.get("state") == "FAILURE")
+    assert "CircuitOpenReply(" in failed["exception"]
 
 
 def test_flower_shows_a_message_its_breaker_holds_as_held_until_it_runs(
