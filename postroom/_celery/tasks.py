@@ -166,8 +166,8 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         event of a type it does not know into the task's state (``task-held``: HELD), which
         outranks the received and started events of its later arrivals, until one of them ends
         (SUCCESS, FAILURE, RETRY). ``exception`` (the breaker, as a ``CircuitOpen``) and
-        ``eta`` (the earliest it is back) are fields Flower's task page shows. Best effort: the message
-        is safe in the broker whether or not the event goes out."""
+        ``eta`` (the earliest it is back) are fields Flower's task page shows. Best effort: the
+        message is safe in the broker whether or not the event goes out."""
         if not self.app.conf.worker_send_task_events:
             return
         try:
