@@ -3,6 +3,7 @@
 from postroom.breakers import CircuitBreaker
 from postroom.bus import MessageBus, PendingReply
 from postroom.errors import (
+    CircuitOpen,
     ContractError,
     DuplicateHandler,
     InvalidMessage,
@@ -40,6 +41,7 @@ bus = MessageBus()
 __all__ = [
     "CircuitBreaker",
     "CircuitClosed",
+    "CircuitOpen",
     "CircuitOpened",
     "Command",
     "ContractError",
