@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from time import time
 from typing import Any
 
@@ -12,7 +14,11 @@ from kombu.exceptions import ContentDisallowed
 
 from postroom._celery import delays
 from postroom._celery.queue_types import queue_types_checked
+from postroom.errors import InvalidMessage
+from postroom.headers import MESSAGE_ID, VERSION
 from postroom.install import installation
+from postroom.messages import upcast
+from postroom.registry import registry
 from postroom.reliability import DeadLetter, DeadLetters, reliability
 from postroom.topology import GIVEN_UP_QUEUE
 
@@ -186,6 +192,24 @@ def raw_letter(
     )
 
 
+def in_line(letter: DeadLetter, body: Any) -> DeadLetter:
+    """A partitioned command the broker gave up on heads its key's line, as one the pipeline
+    gave up on does (postroom.parking), when its payload validates (else its key is not known
+    for sure, and it stays a letter on its own)."""
+    handler = registry.owner_of(letter.task)
+    field = None if handler is None else handler.contract.__partition_key__
+    if handler is None or field is None or MESSAGE_ID not in letter.headers:
+        return letter
+    contract = handler.contract
+    try:
+        _, kwargs, _ = json.loads(body)  # Celery's message protocol 2: [args, kwargs, embed]
+        version = int(letter.headers.get(VERSION, contract.__message_version__))
+        message = contract.model_validate(upcast(contract, version, dict(kwargs)))
+    except (ValueError, TypeError, InvalidMessage):  # pydantic's ValidationError is a ValueError
+        return letter
+    return replace(letter, owner=handler.owner, partition=str(getattr(message, field)))
+
+
 def last_death(headers: Mapping[str, Any]) -> tuple[str, str]:
     """The queue a dead-lettered message died in last, and why (RabbitMQ's reason).
 
@@ -230,14 +254,17 @@ def record_given_up(
     for name in list(headers):  # the broker's bookkeeping: a redriven copy starts afresh
         if name in _BROKER_DEATH_HEADERS:
             del headers[name]
-    letter = raw_letter(
-        message,
-        reason="delivery-limit",
-        error_type="DeliveryLimit",
-        error_message=f"RabbitMQ gave up on it in {origin!r} ({why}): delivered more often "
-        "than its delivery limit (POSTROOM_DELIVERY_LIMIT)",
-        queue=origin,
-        headers=headers,
+    letter = in_line(
+        raw_letter(
+            message,
+            reason="delivery-limit",
+            error_type="DeliveryLimit",
+            error_message=f"RabbitMQ gave up on it in {origin!r} ({why}): delivered more often "
+            "than its delivery limit (POSTROOM_DELIVERY_LIMIT)",
+            queue=origin,
+            headers=headers,
+        ),
+        message.body,
     )
     try:
         dead_letters.add(letter)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from postroom import Command, HandlerContext, handles
 from postroom._celery.consumer import GIVEN_UP_IN, last_death, record_given_up
 from postroom._celery.delays import DUE
+from postroom.headers import Envelope
 from postroom.settings import Settings
 from postroom.topology import (
     GIVEN_UP_QUEUE,
@@ -94,6 +96,28 @@ class _Message:
 
     def requeue(self) -> None:
         self.done.append("requeue")
+
+
+class Sort(Command, service="limited", partition_key="lane"):
+    lane: int
+
+
+@handles(Sort)
+def sort(cmd: Sort, ctx: HandlerContext) -> None:
+    """Never runs here: the broker gave up on it."""
+
+
+def test_a_partitioned_command_the_broker_gave_up_on_heads_its_keys_line() -> None:
+    message, store = _Message(), _Store(fails=False)
+    envelope = Envelope.new("limited.Sort", 1, source="tests")
+    message.headers.update({"task": "limited.Sort", **envelope.to_headers()})
+    message.body = b'[[], {"lane": 7}, {}]'
+    record_given_up(cast(Any, store), message, hold=_no_hold)
+    [letter] = store.added
+    assert (letter.owner, letter.partition) == ("limited", "7")  # its key waits behind it
+    message.body = b'[[], {"lane": "not a lane"}, {}]'  # its key cannot be trusted: on its own
+    record_given_up(cast(Any, store), message, hold=_no_hold)
+    assert store.added[1].partition is None
 
 
 class _Store:
