@@ -119,6 +119,10 @@ def test_redrive_and_purge_keep_order_or_refuse(letters: DeadLetterStore) -> Non
     with pytest.raises(OutOfLine, match="being redriven"):
         purge_one(letters, one.id)
     assert "again" in redrive_one(letters, send, one.id)  # resent, after a crash say
+    alone = DeadLetter(reason="failed", error_type="E", error_message="", queue="commands.s")
+    letters.add(alone)
+    assert purge_one(letters, alone.id) == f"purged {alone.id}"
+    assert letters.get(alone.id) is None
 
 
 def test_purging_every_letter_lets_every_parked_key_flow_again() -> None:
