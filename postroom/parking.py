@@ -290,6 +290,8 @@ def purge_one(letters: DeadLetterStore, letter_id: str) -> str:
         letters.remove(letter_id)
         return f"purged {letter_id}"
     dropped = letters.drop_head(letter.owner, letter.partition, message_id_of(letter))
+    if dropped == "gone":  # its line ran it, or was purged, meanwhile
+        raise NoSuchLetter(f"no dead letter {letter_id} (redriven or purged meanwhile)")
     if dropped == "behind":
         raise OutOfLine(
             f"{letter_id} is parked behind {line.head}: purging it alone would run the messages "
