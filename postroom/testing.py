@@ -2,10 +2,11 @@
 
 The harness is a broker and a worker in one: ``send``, ``ask`` and ``publish`` queue messages as
 the bus would (the same headers, the payload through JSON), and ``run()`` hands each to the same
-pipeline a Celery worker runs (decode, signature, upcast, validate, inbox, poison guard, retry,
-commit, dead letters), until every message a send caused has been handled: the events it
-published, each subscribed pool's delivery of them, and retries, whose backoff passes on a fake
-clock. Then a test asserts on replies, published events and dead letters::
+pipeline a Celery worker runs (decode, signature, upcast, validate, parked keys, inbox, poison
+guard, retry, commit, dead letters), until every message a send caused has been handled: the
+events it published, each subscribed pool's delivery of them, and retries, whose backoff passes on
+a fake clock. Then a test asserts on replies, published events and dead letters (and redrives
+them, ``harness.redrive()``, as ``postroom dlq redrive`` does)::
 
     def test_registering_announces_the_asset(postroom_harness):
         reply = postroom_harness.ask(RegisterAsset(name="Truck 12"))
