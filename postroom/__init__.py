@@ -30,6 +30,7 @@ from postroom.messages import (
     upcaster,
 )
 from postroom.pipeline import Delivery, HandlerContext, Outcome, Step
+from postroom.ratelimits import RateLimit
 from postroom.retries import RetryPolicy
 from postroom.settings import Settings
 
@@ -57,6 +58,7 @@ __all__ = [
     "PendingReply",
     "PostroomError",
     "Query",
+    "RateLimit",
     "Rejected",
     "Reply",
     "ReplyTimeout",

@@ -15,6 +15,7 @@ from postroom.breakers import CircuitBreaker
 from postroom.errors import ContractError
 from postroom.messages import Command, Event, Message, Query
 from postroom.pipeline import kind_of
+from postroom.ratelimits import RateLimit
 from postroom.registry import Handler, registry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -25,13 +26,16 @@ def handles(
     *,
     service: str | None = None,
     breaker: CircuitBreaker | bool | None = None,
+    rate_limit: RateLimit | str | None = None,
 ) -> Callable[[F], F]:
     """Make ``fn(message, ctx)`` the one handler of a command or query type, run as a Celery task.
 
     The task is named after the contract's type and consumed from ``commands.<service>``.
     ``breaker``: its circuit breaker (postroom.breakers): a ``CircuitBreaker(failures=...,
     cooldown=...)``, True for the settings' limits, False for none; None (the default) gives it
-    one only if POSTROOM_BREAKER_FAILURES is set.
+    one only if POSTROOM_BREAKER_FAILURES is set. ``rate_limit``: at most so many runs per
+    period across every worker (postroom.ratelimits): ``RateLimit(50, per=1.0)`` or ``"50/s"``;
+    the messages over it wait in the broker for their slot.
     """
     if not (isinstance(contract, type) and issubclass(contract, Command | Query)):
         raise ContractError(
@@ -45,8 +49,10 @@ def handles(
             f"service={service!r})"
         )
 
+    limit = None if rate_limit is None else RateLimit.parse(rate_limit)
+
     def decorate(fn: F) -> F:
-        handler = Handler(contract, fn, contract.__service__, breaker)
+        handler = Handler(contract, fn, contract.__service__, breaker, limit)
         registry.add_owner(handler)
         register_task(
             contract.__message_type__, kind_of(contract), fn.__module__, fn.__doc__, handler=handler
@@ -57,20 +63,26 @@ def handles(
 
 
 def subscribes(
-    event: type[Event], *, pool: str, breaker: CircuitBreaker | bool | None = None
+    event: type[Event],
+    *,
+    pool: str,
+    breaker: CircuitBreaker | bool | None = None,
+    rate_limit: RateLimit | str | None = None,
 ) -> Callable[[F], F]:
     """Make ``fn(event, ctx)`` pool ``pool``'s handler of an event type; any number of pools may.
 
-    ``breaker`` as for ``@handles``: one per pool's handler."""
+    ``breaker`` and ``rate_limit`` as for ``@handles``: each pool's handler has its own."""
     if not (isinstance(event, type) and issubclass(event, Event)):
         raise ContractError(
             f"@subscribes takes an Event class, not {event!r}; commands and queries have one "
             "owner, declared with @handles"
         )
 
+    limit = None if rate_limit is None else RateLimit.parse(rate_limit)
+
     def decorate(fn: F) -> F:
         first = not registry.pools_subscribed(event.__message_type__)
-        registry.add_subscriber(Handler(event, fn, pool, breaker))
+        registry.add_subscriber(Handler(event, fn, pool, breaker, limit))
         if first:  # one task per event type; each worker runs its own pool's handler
             register_task(
                 event.__message_type__,

@@ -9,6 +9,7 @@ from typing import Any
 from postroom.breakers import CircuitBreaker
 from postroom.errors import DuplicateHandler
 from postroom.messages import Message
+from postroom.ratelimits import RateLimit
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Handler:
     #: its circuit breaker: None the settings' (POSTROOM_BREAKER_FAILURES), False none, True or a
     #: CircuitBreaker one of its own (see postroom.breakers)
     breaker: CircuitBreaker | bool | None = None
+    #: at most so many runs a second across the deployment, or None (see postroom.ratelimits)
+    rate_limit: RateLimit | None = None
 
     @property
     def where(self) -> str:

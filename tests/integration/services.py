@@ -21,6 +21,7 @@ from postroom import (
     Command,
     Event,
     HandlerContext,
+    RateLimit,
     Rejected,
     TransientError,
     handles,
@@ -165,6 +166,24 @@ def notice_downstream(event: DownstreamNoticed, ctx: HandlerContext) -> None:
 @handles(Echo)
 def echo(cmd: Echo, ctx: HandlerContext) -> dict[str, object]:
     return {"text": cmd.text, "envelope": ctx.envelope.to_headers(), "attempt": ctx.attempt}
+
+
+class CallVendor(Command, service=SERVICE):
+    """Calls a vendor API that allows VENDOR_LIMIT calls across the deployment: records when each
+    run began (a list) and how often each ``n`` ran (a hash)."""
+
+    n: int
+
+
+VENDOR_LIMIT = RateLimit(50, per=1.0)
+
+
+@handles(CallVendor, rate_limit=VENDOR_LIMIT)
+def call_vendor(cmd: CallVendor, ctx: HandlerContext) -> dict[str, int]:
+    db = client()
+    db.rpush(key(SERVICE, "vendor", "runs"), repr(time.time()))
+    db.hincrby(key(SERVICE, "vendor", "by_n"), str(cmd.n), 1)
+    return {"n": cmd.n}
 
 
 @handles(Flaky)

@@ -1,0 +1,72 @@
+"""A rate limit shared by two workers (issue #15's proof): 50 calls a second to a vendor, held.
+
+Two workers of the probe service (two processes each) run CallVendor, limited to 50 a second
+across both (its slots in the state Redis). 450 commands arrive at once: every one succeeds,
+each handler runs once, none is dead-lettered, and the runs' rate over the steady window (the
+first and last second left out: the backlog is still being reserved, the last slots are
+sparse) is 50 a second within 10 %. Echo, another handler of the same workers, answers within
+a second all along, while the backlog takes 9 s.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from config.pools import Pool
+from postroom import MessageBus
+from postroom.reliability import reliability
+from tests.integration.services import SERVICE, VENDOR_LIMIT, CallVendor, Echo
+from tests.support import BrokerContext
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
+
+COMMANDS = 450
+PROCESSES = 4  # two workers, two processes each
+RATE = VENDOR_LIMIT.limit / VENDOR_LIMIT.per
+
+
+@pytest.fixture(scope="module")
+def bus(broker: BrokerContext) -> MessageBus:
+    for name in ("probe", "probe-twin"):
+        broker.start_worker(Pool(name, ("commands.probe",), concurrency=PROCESSES // 2))
+    return MessageBus(broker.app, source="tests")
+
+
+def test_two_workers_share_a_rate_limit_and_hold_the_backlog_in_the_broker(
+    bus: MessageBus, broker: BrokerContext
+) -> None:
+    state = broker.state()
+    pending = bus.send_many([CallVendor(n=n) for n in range(COMMANDS)])
+    sent_at = time.time()
+
+    latencies: list[float] = []
+    while time.time() < sent_at + COMMANDS / RATE - 2:  # Echo answers while the backlog waits
+        started = time.monotonic()
+        assert bus.send(Echo(text="ping")).reply(timeout=30).status == "succeeded"
+        latencies.append(time.monotonic() - started)
+        time.sleep(0.05)
+    # the first ping waited in the queue behind the 450 commands, until each had its slot
+    absorbed = sent_at + latencies[0]
+
+    replies = [p.reply(timeout=60) for p in pending]
+    assert [r.status for r in replies] == ["succeeded"] * COMMANDS
+    assert reliability(broker.app).dead_letters.ids() == []
+    by_n = state.hgetall(broker.key(SERVICE, "vendor", "by_n"))
+    assert by_n == {str(n): "1" for n in range(COMMANDS)}  # each ran once
+
+    runs = sorted(float(t) for t in state.lrange(broker.key(SERVICE, "vendor", "runs"), 0, -1))
+    assert len(runs) == COMMANDS
+    begin, end = absorbed + 1.0, runs[-1] - 0.5
+    steady = [t for t in runs if begin <= t < end]
+    rate = len(steady) / (end - begin)
+    busiest = max(sum(1 for t in steady if s <= t < s + 1.0) for s in steady)
+    print(f"{broker.kind}: absorbed in {latencies[0]:.1f}s, {rate:.1f}/s over {end - begin:.1f}s, "
+          f"busiest second {busiest}, {runs[-1] - runs[0]:.1f}s in all; Echo answered "
+          f"{len(latencies)} times, slowest {max(latencies[1:]):.3f}s after the first")  # fmt: skip
+    assert end - begin >= 3.0
+    assert rate == pytest.approx(RATE, rel=0.10)
+    assert busiest <= RATE * 1.10
+    assert len(latencies) >= 20
+    assert max(latencies[1:]) < 1.0
