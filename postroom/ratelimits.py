@@ -3,7 +3,7 @@
 A vendor API that allows 50 calls a second allows them to the whole deployment, not to each
 process: the limit's state lives in the state Redis, keyed per handler (``<owner>:<message
 type>``), and one script hands out its slots, ``per / limit`` seconds apart (a "next free slot"
-scheduler: GCRA without a burst, so runs are spaced evenly, as Celery's own ``rate_limit``
+scheduler, as GCRA, with no burst: runs are spaced evenly, as Celery's own ``rate_limit``
 spaces a worker's). A message over the limit is not dropped, dead-lettered or run early:
 
 - Its slot is **reserved**, and the message goes back to the broker until then (the path of a
@@ -13,7 +13,8 @@ spaces a worker's). A message over the limit is not dropped, dead-lettered or ru
   messages, each held again); a reservation is spent once (the script removes it), so a
   redelivered copy asks anew instead of running in the same slot, and one whose message never
   comes back (its worker died while sending it) only wastes its own slot: the next free slot is
-  never earlier than now, so nothing leaks past the slots already handed out.
+  never earlier than now, so nothing leaks past the slots already handed out. Held messages go
+  to the broker's slot path (postroom._celery.delays): exact, and on Redis ahead of the queue.
 - The next slot, if it is less than one interval and ``WAIT_IN_PLACE`` away, is **waited for in
   place**: the broker's delay path is not that precise (the Redis promoter sleeps up to half a
   second when nothing else is parked; RabbitMQ's shortest delay level is 100 ms), so a trip
@@ -25,10 +26,13 @@ spaces a worker's). A message over the limit is not dropped, dead-lettered or ru
   lose its place in its partition. The wait is short: a partition has one message in flight, so
   at most one interval per busy partition of the handler.
 
-A reservation is honoured up to ``LATE`` seconds after its slot (a message that waited behind
-others in its queue); later, after an outage of the workers, it asks anew, so a backlog whose
-slots passed meanwhile does not run all at once. One that an open breaker or a retry sends back
-loses it, and asks anew when it returns. The harness keeps the state in memory, on its fake
+Slots passed while their messages were late (queued behind a burst of new messages, or all
+workers down) are lost, not made up for: the script also keeps when the latest run began, and a
+run starts at least one interval after it (less ``AHEAD``, so that a broker's jitter costs
+nothing). A message back late runs at once if that leaves room, else waits in place for it if
+that is short, else asks anew; so a backlog whose slots passed never runs all at once. A
+reservation is kept ``LATE`` seconds past its slot; one that an open breaker or a retry sends
+back is dropped, and the message asks anew. The harness keeps the state in memory, on its fake
 clock. The pipeline's step is postroom.pipeline.ratelimit.
 """
 
@@ -50,8 +54,12 @@ from postroom.errors import ContractError
 RESERVATION = "x-postroom-slot"
 #: a slot this close (seconds) is waited for in the worker rather than through the broker
 WAIT_IN_PLACE = 0.1
-#: seconds past its slot that a reservation is still honoured
-LATE = 0.25
+#: seconds past its slot that a reservation is kept for its message
+LATE = 60.0
+#: seconds (at most half an interval) a run may start ahead of even spacing, so that a broker's
+#: jitter neither delays the next run nor sends it back; less than an interval, so that a window
+#: of ``per`` seconds sees at most ``limit`` + 1 runs begin (the + 1 at its two edges)
+AHEAD = 0.05
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -120,7 +128,8 @@ class MemoryRateLimits:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._next: dict[str, float] = {}
+        self._next: dict[str, float] = {}  # the next free slot
+        self._ran: dict[str, float] = {}  # one interval after the latest run
         self._reserved: dict[str, dict[str, float]] = {}
 
     def take(self, name: str, now: float, interval: float, carried: str, in_place: float) -> Slot:
@@ -128,35 +137,53 @@ class MemoryRateLimits:
             reserved = self._reserved.setdefault(name, {})
             for token in [t for t, slot in reserved.items() if slot < now - LATE]:
                 del reserved[token]
+            ran = self._ran.get(name, 0.0)
+            earliest = ran - min(AHEAD, interval / 2)
             if carried and reserved.pop(carried, None) is not None:
-                return Slot()
-            slot = max(now, self._next.get(name, 0.0))
+                at = max(now, earliest)
+                if at - now <= in_place:
+                    self._ran[name] = max(ran, at) + interval
+                    return Slot(at - now)
+            slot = max(now, self._next.get(name, 0.0), earliest)
             self._next[name] = slot + interval
             if slot - now <= in_place:
+                self._ran[name] = max(ran, slot) + interval
                 return Slot(slot - now)
             token = uuid.uuid4().hex
             reserved[token] = slot
             return Slot(slot - now, token)
 
 
-#: KEYS: the next free slot, the reservations (a sorted set by slot). ARGV: interval, the carried
-#: reservation (or ''), a new token, the longest wait in place, LATE. Returns the wait and the
-#: token ('' to run, after the wait, in place). The time is the server's, so that workers on
-#: machines whose clocks differ share one schedule.
+#: KEYS: the limit's hash (``next``: the next free slot; ``ran``: one interval after the latest
+#: run), its reservations (a sorted set by slot). ARGV: interval, the carried reservation (or
+#: ''), a new token, the longest wait in place, LATE, AHEAD. Returns the wait and the token ('' to
+#: run, after the wait, in place). The time is the server's, so that workers on machines whose
+#: clocks differ share one schedule.
 _TAKE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
-local late = tonumber(ARGV[5])
+local interval, in_place, late = tonumber(ARGV[1]), tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - late)
-if ARGV[2] ~= '' and redis.call('ZREM', KEYS[2], ARGV[2]) == 1 then return {'0', ''} end
-local slot = math.max(now, tonumber(redis.call('GET', KEYS[1]) or '0'))
-local after = slot + tonumber(ARGV[1])
-redis.call('SET', KEYS[1], string.format('%.6f', after), 'PX', math.ceil((after - now) * 1000) + 1000)
-local wait = string.format('%.6f', slot - now)
-if slot - now <= tonumber(ARGV[4]) then return {wait, ''} end
+local state = redis.call('HMGET', KEYS[1], 'next', 'ran')
+local nxt, ran = tonumber(state[1] or '0'), tonumber(state[2] or '0')
+local earliest = ran - tonumber(ARGV[6])
+local function runs(at, after)
+  ran = math.max(ran, at) + interval
+  redis.call('HSET', KEYS[1], 'next', string.format('%.6f', after), 'ran', string.format('%.6f', ran))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((math.max(after, ran) - now) * 1000) + 1000)
+  return {string.format('%.6f', at - now), ''}
+end
+if ARGV[2] ~= '' and redis.call('ZREM', KEYS[2], ARGV[2]) == 1 then
+  local at = math.max(now, earliest)
+  if at - now <= in_place then return runs(at, nxt) end
+end
+local slot = math.max(now, nxt, earliest)
+if slot - now <= in_place then return runs(slot, slot + interval) end
+redis.call('HSET', KEYS[1], 'next', string.format('%.6f', slot + interval))
+redis.call('PEXPIRE', KEYS[1], math.ceil((slot + interval - now) * 1000) + 1000)
 redis.call('ZADD', KEYS[2], string.format('%.6f', slot), ARGV[3])
 redis.call('PEXPIRE', KEYS[2], math.ceil((slot - now + late) * 1000) + 1000)
-return {wait, ARGV[3]}
+return {string.format('%.6f', slot - now), ARGV[3]}
 """
 
 
@@ -176,6 +203,13 @@ class RedisRateLimits:
         key = self._prefix + name
         wait, token = self._take(
             keys=[key, key + ":held"],
-            args=[repr(interval), carried, uuid.uuid4().hex, repr(min(in_place, 1e9)), repr(LATE)],
+            args=[
+                repr(interval),
+                carried,
+                uuid.uuid4().hex,
+                repr(min(in_place, 1e9)),
+                repr(LATE),
+                repr(min(AHEAD, interval / 2)),
+            ],
         )
         return Slot(float(wait), str(token))

@@ -267,14 +267,15 @@ def delay_queue(destination: str, level: int, queue_type: QueueType) -> Queue:
 
 
 @cache
-def slot_queue(destination: str, queue_type: QueueType) -> Queue:
-    """Where a message a rate limit held waits for its slot, before the broker moves it to
-    ``destination``: one queue whose messages each carry their own TTL (``expiration``). A
-    per-message TTL expires from the head only, which is right here: a limit hands out its slots
-    in order, so each message is due after those ahead of it, and it arrives when due, with no
-    hop through the levels (each a publish, up to 100 ms late)."""
+def slot_queue(destination: str, message_type: str, queue_type: QueueType) -> Queue:
+    """Where a message of ``message_type`` its rate limit held waits for its slot, before the
+    broker moves it to ``destination``: one queue per limit, whose messages each carry their own
+    TTL (``expiration``). A per-message TTL expires from the head only, which is right here: a
+    limit hands out its slots in order, so each message is due after those ahead of it (another
+    limit's, in the same queue, would not be), and it arrives when due, with no hop through the
+    levels (each a publish, up to 100 ms late)."""
     return Queue(
-        slot_queue_name(destination),
+        slot_queue_name(destination, message_type),
         durable=True,
         queue_arguments=_dead_lettering(
             queue_type,
@@ -300,18 +301,18 @@ def delayed_event_queue(level: int, queue_type: QueueType) -> Queue:
 
 
 def route(
-    is_redis: bool, destination: str, due: float, queue_type: QueueType, *, slot: bool = False
+    is_redis: bool, destination: str, due: float, queue_type: QueueType, *, slot: str = ""
 ) -> dict[str, Any]:
     """Celery publish options sending a message for ``destination`` (a queue's name) toward it,
     due at ``due``: on Redis to the queue itself (the transport parks it), on RabbitMQ to the
-    delay queue of its level, of the deployment's ``queue_type``, or for a rate limit's ``slot``
-    to the destination's slot queue, with a TTL of its own."""
+    delay queue of its level, of the deployment's ``queue_type``, or, holding a rate-limit slot
+    of its type ``slot``, to that limit's slot queue, with a TTL of its own."""
     if is_redis:
         return {"queue": Queue(destination), "exchange_type": "direct"}
     if slot:
         ttl = max(0.001, due - time())
         return {
-            "queue": slot_queue(destination, queue_type),
+            "queue": slot_queue(destination, slot, queue_type),
             "exchange_type": "direct",
             "expiration": ttl,
         }

@@ -145,12 +145,14 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         if held and not reservation:
             now = time()
             due = now + delays.spread(due - now)
+        handler = delivery.handler
+        limited = handler.contract.__message_type__ if reservation and handler else ""
         options = delays.route(
             installed.settings.broker_is_redis,
             delivery.queue,
             due,
             installed.queue_type,
-            slot=bool(reservation),
+            slot=limited,
         )
         headers = delays.with_due(self.request.headers, due)
         if held or retry is not None:

@@ -186,6 +186,17 @@ def call_vendor(cmd: CallVendor, ctx: HandlerContext) -> dict[str, int]:
     return {"n": cmd.n}
 
 
+class CallOtherVendor(Command, service=SERVICE):
+    """Calls another vendor, 5 calls a second, from the same queue as CallVendor."""
+
+    n: int
+
+
+@handles(CallOtherVendor, rate_limit="5/s")
+def call_other_vendor(cmd: CallOtherVendor, ctx: HandlerContext) -> None:
+    client().rpush(key(SERVICE, "other_vendor", "runs"), repr(time.time()))
+
+
 @handles(Flaky)
 def flaky(cmd: Flaky, ctx: HandlerContext) -> dict[str, int]:
     runs = client().incr(key(SERVICE, "flaky", cmd.key))

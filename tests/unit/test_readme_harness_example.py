@@ -34,3 +34,8 @@ def test_the_readme_handler_test_passes_with_the_postroom_harness_fixture(tmp_pa
 @pytest.mark.timeout(60)
 def test_the_readme_circuit_breaker_example_passes_in_the_harness(tmp_path: Path) -> None:
     assert "1 passed" in _passes("### Circuit breakers", tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_the_readme_rate_limit_example_passes_in_the_harness(tmp_path: Path) -> None:
+    assert "1 passed" in _passes("### Rate limits", tmp_path)
