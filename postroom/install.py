@@ -100,8 +100,13 @@ class Installation:
             stores=dict(self.stores),
             removals=Removals(),
             breakers=self.breakers,
-            rate_limits=RedisRateLimits(self.reliability.client, self.settings.namespace),
+            rate_limits=self.rate_limits,
         )
+
+    @cached_property
+    def rate_limits(self) -> RedisRateLimits:
+        """The handlers' rate limits, in the state Redis, shared by every worker."""
+        return RedisRateLimits(self.reliability.client, self.settings.namespace)
 
     @cached_property
     def breakers(self) -> Breakers:

@@ -29,8 +29,9 @@ spaces a worker's). A message over the limit is not dropped, dead-lettered or ru
 Slots passed while their messages were late (queued behind a burst of new messages, or all
 workers down) are lost, not made up for: the script also keeps when the latest run began, and a
 run starts at least one interval after it (less ``AHEAD``, so that a broker's jitter costs
-nothing). A message back late runs at once if that leaves room, else waits in place for it if
-that is short, else asks anew; so a backlog whose slots passed never runs all at once. A
+nothing). A message back late runs at once if that leaves room, else waits in place for it as
+a new message would (for less than one interval), else asks anew (waiting longer in place, a
+pool's processes would all end up waiting there, behind a queue of late returns); so a backlog whose slots passed never runs all at once. A
 reservation is kept ``LATE`` seconds past its slot; one that an open breaker or a retry sends
 back is dropped, and the message asks anew. The harness keeps the state in memory, on its fake
 clock. The pipeline's step is postroom.pipeline.ratelimit.
@@ -56,9 +57,10 @@ RESERVATION = "x-postroom-slot"
 WAIT_IN_PLACE = 0.1
 #: seconds past its slot that a reservation is kept for its message
 LATE = 60.0
-#: seconds (at most half an interval) a run may start ahead of even spacing, so that a broker's
-#: jitter neither delays the next run nor sends it back; less than an interval, so that a window
-#: of ``per`` seconds sees at most ``limit`` + 1 runs begin (the + 1 at its two edges)
+#: seconds a run may begin ahead of even spacing, so that a broker's or a busy machine's jitter
+#: neither delays the next run nor sends it back: a window of ``per`` seconds sees at most
+#: ``limit`` + 1 runs begin (the + 1 at its two edges), and AHEAD's worth more (at 50 a second,
+#: 2.5); at most one interval, so that a slow limit keeps its spacing
 AHEAD = 0.05
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -118,6 +120,10 @@ class RateLimitStore(Protocol):
         self, name: str, now: float, interval: float, carried: str, in_place: float
     ) -> Slot: ...
 
+    def backlog(self, name: str, now: float) -> float:
+        """Seconds until a limit's next free slot: what a message arriving now would wait."""
+        ...
+
 
 def limit_name(owner: str, message_type: str) -> str:
     return f"{owner}:{message_type}"
@@ -138,7 +144,7 @@ class MemoryRateLimits:
             for token in [t for t, slot in reserved.items() if slot < now - LATE]:
                 del reserved[token]
             ran = self._ran.get(name, 0.0)
-            earliest = ran - min(AHEAD, interval / 2)
+            earliest = ran - min(AHEAD, interval)
             if carried and reserved.pop(carried, None) is not None:
                 at = max(now, earliest)
                 if at - now <= in_place:
@@ -152,6 +158,10 @@ class MemoryRateLimits:
             token = uuid.uuid4().hex
             reserved[token] = slot
             return Slot(slot - now, token)
+
+    def backlog(self, name: str, now: float) -> float:
+        with self._lock:
+            return max(0.0, self._next.get(name, 0.0) - now)
 
 
 #: KEYS: the limit's hash (``next``: the next free slot; ``ran``: one interval after the latest
@@ -209,7 +219,15 @@ class RedisRateLimits:
                 uuid.uuid4().hex,
                 repr(min(in_place, 1e9)),
                 repr(LATE),
-                repr(min(AHEAD, interval / 2)),
+                repr(min(AHEAD, interval)),
             ],
         )
         return Slot(float(wait), str(token))
+
+    def backlog(self, name: str, now: float) -> float:
+        """``now`` is not used: the server's clock is."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.hget(self._prefix + name, "next")
+            (seconds, micros), next_free = pipe.execute()
+        return max(0.0, float(next_free or 0) - float(seconds) - float(micros) / 1e6)

@@ -62,16 +62,22 @@ def test_two_workers_share_a_rate_limit_and_hold_the_backlog_in_the_broker(
 
     runs = sorted(float(t) for t in state.lrange(broker.key(SERVICE, "vendor", "runs"), 0, -1))
     assert len(runs) == COMMANDS
-    begin, end = absorbed + 1.0, runs[-1] - 0.5
-    steady = [t for t in runs if begin <= t < end]
-    rate = len(steady) / (end - begin)
-    busiest = max(sum(1 for t in steady if s <= t < s + 1.0) for s in steady)
-    print(f"{broker.kind}: absorbed in {latencies[0]:.1f}s, {rate:.1f}/s over {end - begin:.1f}s, "
+    busiest = max(sum(1 for t in runs if s <= t < s + 1.0) for s in runs)
+    # the steady window: from the first second at the full rate (on RabbitMQ the slots handed
+    # out while the 450 were still queued pass before their messages get back) to the last
+    # half second, where the last slots are sparse
+    begin = next(s for s in runs if sum(1 for t in runs if s <= t < s + 1.0) >= RATE * 0.9)
+    end = runs[-1] - 0.5
+    rate = sum(1 for t in runs if begin <= t < end) / (end - begin)
+    print(f"{broker.kind}: absorbed in {latencies[0]:.1f}s, {rate:.1f}/s over {end - begin:.1f}s "
+          f"from {begin - runs[0]:.1f}s, "
           f"busiest second {busiest}, {runs[-1] - runs[0]:.1f}s in all; Echo answered "
           f"{len(latencies)} times, slowest {max(latencies[1:]):.3f}s after the first")  # fmt: skip
-    assert end - begin >= 3.0
+    assert end - begin >= 5.0
     assert rate == pytest.approx(RATE, rel=0.10)
     assert busiest <= RATE * 1.10
+    if broker.kind == "redis":  # its slot holders go to the head of the queue: no slot lost
+        assert runs[-1] - runs[0] < (COMMANDS - 1) / RATE * 1.10
     assert len(latencies) >= 20
     assert max(latencies[1:]) < 1.0
 
