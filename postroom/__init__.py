@@ -3,12 +3,14 @@
 from postroom.breakers import CircuitBreaker
 from postroom.bus import MessageBus, PendingReply
 from postroom.errors import (
+    CircuitOpen,
     ContractError,
     DuplicateHandler,
     InvalidMessage,
     InvalidSchedule,
     NotInstalled,
     PostroomError,
+    RateLimited,
     Rejected,
     ReplyTimeout,
     SendFailed,
@@ -40,6 +42,7 @@ bus = MessageBus()
 __all__ = [
     "CircuitBreaker",
     "CircuitClosed",
+    "CircuitOpen",
     "CircuitOpened",
     "Command",
     "ContractError",
@@ -59,6 +62,7 @@ __all__ = [
     "PostroomError",
     "Query",
     "RateLimit",
+    "RateLimited",
     "Rejected",
     "Reply",
     "ReplyTimeout",

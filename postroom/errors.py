@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CircuitOpen",
+    "CircuitOpenReply",
     "ConfigurationError",
     "ContractError",
     "DuplicateHandler",
@@ -81,6 +83,15 @@ class TransientError(PostroomError):
     """Raised by a handler for a failure worth retrying (with backoff) before giving up."""
 
 
+class CircuitOpen(PostroomError):
+    """A handler's circuit breaker is open: its message was held, not run, or a query's
+    fallback had no answer for it."""
+
+
+class RateLimited(PostroomError):
+    """A handler's rate limit had no slot free: its message was held until its slot, not run."""
+
+
 class SendFailed(PostroomError, ConnectionError):
     """The broker could not be reached, or did not confirm a message, after every retry; it may
     or may not hold the message."""
@@ -116,6 +127,11 @@ class RejectedReply(Unsuccessful):
 
 class FailedReply(Unsuccessful):
     """The handler broke, or a transient failure outlived its retries."""
+
+
+class CircuitOpenReply(FailedReply):
+    """A query's breaker is open and its fallback had no answer: a failure its worker expects,
+    so Celery logs it in a line, without a traceback."""
 
 
 class AlreadyHandled(PostroomError):

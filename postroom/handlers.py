@@ -26,6 +26,7 @@ def handles(
     *,
     service: str | None = None,
     breaker: CircuitBreaker | bool | None = None,
+    fallback: Callable[..., Any] | None = None,
     rate_limit: RateLimit | str | None = None,
 ) -> Callable[[F], F]:
     """Make ``fn(message, ctx)`` the one handler of a command or query type, run as a Celery task.
@@ -33,9 +34,13 @@ def handles(
     The task is named after the contract's type and consumed from ``commands.<service>``.
     ``breaker``: its circuit breaker (postroom.breakers): a ``CircuitBreaker(failures=...,
     cooldown=...)``, True for the settings' limits, False for none; None (the default) gives it
-    one only if POSTROOM_BREAKER_FAILURES is set. ``rate_limit``: at most so many runs per
-    period across every worker (postroom.ratelimits): ``RateLimit(50, per=1.0)`` or ``"50/s"``;
-    the messages over it wait in the broker for their slot.
+    one only if POSTROOM_BREAKER_FAILURES is set.
+    ``fallback``: a query's ``fallback(query, ctx)``, which answers it while its breaker is open
+    (its asker is waiting: holding the query for a cool-down would outlast the ask); the reply
+    says ``fallback=True``. None or an error from it fails the query at once (``CircuitOpen``).
+    ``rate_limit``: at most so many runs per period across every worker (postroom.ratelimits):
+    ``RateLimit(50, per=1.0)`` or ``"50/s"``; the messages over it wait in the broker for their
+    slot.
     """
     if not (isinstance(contract, type) and issubclass(contract, Command | Query)):
         raise ContractError(
@@ -48,11 +53,13 @@ def handles(
             f"declare it with class {contract.__name__}({contract.kind.capitalize()}, "
             f"service={service!r})"
         )
+    if fallback is not None:
+        _check_fallback(contract, breaker, fallback)
 
     limit = None if rate_limit is None else RateLimit.parse(rate_limit)
 
     def decorate(fn: F) -> F:
-        handler = Handler(contract, fn, contract.__service__, breaker, limit)
+        handler = Handler(contract, fn, contract.__service__, breaker, fallback, rate_limit=limit)
         registry.add_owner(handler)
         register_task(
             contract.__message_type__, kind_of(contract), fn.__module__, fn.__doc__, handler=handler
@@ -60,6 +67,31 @@ def handles(
         return fn
 
     return decorate
+
+
+def _check_fallback(
+    contract: type[Message], breaker: CircuitBreaker | bool | None, fallback: object
+) -> None:
+    """A fallback is for a query behind a breaker of its own; anywhere else it would never run."""
+    name = contract.__name__
+    if not issubclass(contract, Query):
+        raise ContractError(
+            f"fallback= answers a query while its breaker is open, and {name} is a command: its "
+            "sender waits for an outcome, not data, and while the breaker is open it waits in "
+            "the broker. Leave fallback= out"
+        )
+    if breaker is None or breaker is False:
+        raise ContractError(
+            f"{name}'s fallback= is used while its circuit breaker is open: declare one, "
+            "breaker=CircuitBreaker(failures=..., cooldown=...) or breaker=True"
+        )
+    if contract.__partition_key__ is not None:
+        raise ContractError(
+            f"{name} is partitioned, and a partitioned message has no circuit breaker (its "
+            "retries run in place, in order): its fallback= would never be used. Leave it out"
+        )
+    if not callable(fallback):
+        raise ContractError(f"fallback= takes a function fallback(query, ctx), not {fallback!r}")
 
 
 def subscribes(
@@ -82,7 +114,7 @@ def subscribes(
 
     def decorate(fn: F) -> F:
         first = not registry.pools_subscribed(event.__message_type__)
-        registry.add_subscriber(Handler(event, fn, pool, breaker, limit))
+        registry.add_subscriber(Handler(event, fn, pool, breaker, rate_limit=limit))
         if first:  # one task per event type; each worker runs its own pool's handler
             register_task(
                 event.__message_type__,

@@ -129,7 +129,18 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
             "unacked_restore_throttle": 1,  # the interval alone sets the sweep period
             "global_keyprefix": f"{settings.namespace}:",
         }
-    return {"confirm_publish": True}
+    if not settings.broker_heartbeat:
+        return {"confirm_publish": True}
+    # A publish waits for its confirm with a blocking read, which AMQP heartbeats cannot cut
+    # short: a node gone silent without closing its sockets held a sender, or a worker's whole
+    # event loop (its own task events are confirmed too), forever. Reads and writes that wait
+    # longer than the heartbeat fail as a lost connection instead, so they are retried on the
+    # next broker URL.
+    return {
+        "confirm_publish": True,
+        "read_timeout": settings.broker_heartbeat,
+        "write_timeout": settings.broker_heartbeat,
+    }
 
 
 def delivery_settings(settings: Settings) -> dict[str, object]:
@@ -152,6 +163,7 @@ def delivery_settings(settings: Settings) -> dict[str, object]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         # a failover takes longer than Celery's default policy (3 tries in 0.4 s): during a quorum
         # leader election RabbitMQ nacks publishes for a second or more
+        "broker_heartbeat": settings.broker_heartbeat,
         "task_publish_retry": True,
         "task_publish_retry_policy": {
             "max_retries": settings.publish_retries,

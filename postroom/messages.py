@@ -295,6 +295,9 @@ class Reply(BaseModel):
     causation_id: str | None = None
     message_type: str | None = None
     attempts: int = 1
+    #: True: answered by the query's fallback while its circuit breaker was open, not by its
+    #: handler (say, the last known answer: it may be out of date)
+    fallback: bool = False
 
     @property
     def ok(self) -> bool:

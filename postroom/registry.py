@@ -22,6 +22,8 @@ class Handler:
     #: its circuit breaker: None the settings' (POSTROOM_BREAKER_FAILURES), False none, True or a
     #: CircuitBreaker one of its own (see postroom.breakers)
     breaker: CircuitBreaker | bool | None = None
+    #: a query's ``fn(query, ctx)`` that answers it while its breaker is open (postroom.breakers)
+    fallback: Callable[..., Any] | None = None
     #: at most so many runs a second across the deployment, or None (see postroom.ratelimits)
     rate_limit: RateLimit | None = None
 

@@ -145,6 +145,17 @@ class Settings(BaseSettings):
         "(about 15 s in all); then `postroom.SendFailed`, which says the broker may or may not "
         "hold the message: send it again with the same `message_id=`. `send_many` is not retried",
     )
+    broker_heartbeat: float = Field(
+        60.0,
+        ge=0,
+        description="RabbitMQ only: seconds of silence after which a worker and the broker give up "
+        "on their connection (AMQP heartbeats; the smaller of this and the broker's own, 60 s by "
+        "default, is used): a node cut off without closing "
+        "its sockets is left within about this long, and the worker reconnects to the next "
+        "`;`-separated broker URL. Lower it for faster failover with prefork workers; a solo "
+        "worker cannot beat while its handler runs, so keep it above its longest handler's run. "
+        "0 turns heartbeats off",
+    )
     imports: str = Field(
         "", description="comma-separated extra modules holding handlers, imported by every worker"
     )

@@ -102,7 +102,8 @@ class TaskMetrics:
         )
         self.failed = Counter(
             "postroom_messages_failed_total",
-            "Deliveries that failed for good (a bug, or retries ran out); each is dead-lettered.",
+            "Deliveries that failed for good (a bug, or retries ran out; each is dead-lettered), "
+            "and queries their open breaker's fallback could not answer.",
             LABELS,
             registry=None,
         )

@@ -5,7 +5,9 @@ into a task result: a reply returned (SUCCESS), a rejected or failed reply raise
 Flower shows it as such, the reply intact), a retry through ``Task.retry`` (RETRY), its backoff held
 by the broker (postroom._celery.delays). A message its open breaker or its rate limit held is sent
 back through the broker the same way, as the same attempt, and acknowledged with no state
-recorded; one its rate limit held carries its reservation back (postroom.ratelimits).
+recorded (one its rate limit held carries its reservation back, postroom.ratelimits); a task
+event of postroom's own, ``task-held``, tells Flower why (it shows the task as HELD, see
+``held``).
 
 Events: one task per event type; every worker process of a pool consumes that pool's queue only,
 so it knows its pool from the queue it was started on. The worker renames its delivery
@@ -15,7 +17,9 @@ that can be followed by correlation ID.
 
 from __future__ import annotations
 
+import logging
 import uuid
+from datetime import UTC, datetime
 from functools import cache
 from time import time
 from typing import Any
@@ -24,9 +28,16 @@ import celery
 from celery import shared_task
 from celery.exceptions import Ignore, Retry
 from celery.worker.request import Request
+from kombu.exceptions import OperationalError
 
 from postroom._celery import delays
-from postroom.errors import ContractError, FailedReply, RejectedReply
+from postroom.errors import (
+    CircuitOpen,
+    CircuitOpenReply,
+    ContractError,
+    FailedReply,
+    RejectedReply,
+)
 from postroom.headers import MESSAGE_ID, REPLAY
 from postroom.pipeline import Delivery, Kind, Outcome
 from postroom.pipeline.steps import replayed_id
@@ -38,6 +49,8 @@ from postroom.topology import (
     event_queue_name,
     pool_of_event_queue,
 )
+
+logger = logging.getLogger("postroom.breakers")
 
 
 @cache
@@ -83,7 +96,8 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
     # postroom's Retry step keeps the budget (POSTROOM_MAX_RETRIES); Celery's own limit (3 by
     # default) would raise the error of a fourth retry instead of sending it, and lose the message
     max_retries = None
-    throws = (RejectedReply,)  # an expected outcome: recorded as FAILURE, not logged as an error
+    # expected outcomes: recorded as FAILURE, logged without a traceback
+    throws = (RejectedReply, CircuitOpenReply)
     kind: Kind
     handler: Handler | None = None  # commands and queries: the one owner's
 
@@ -164,12 +178,34 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         self.signature_from_request(self.request, headers=headers, **options).apply_async()
         raise Ignore()
 
+    def held(self, outcome: Outcome, due: float) -> None:
+        """Tell Flower this message was held by its open breaker, not run: Celery turns a task
+        event of a type it does not know into the task's state (``task-held``: HELD), which
+        outranks the received and started events of its later arrivals, until one of them ends
+        (SUCCESS, FAILURE, RETRY). ``exception`` (the breaker, as a ``CircuitOpen``) and
+        ``eta`` (the earliest it is back) are fields Flower's task page shows. Best effort: the
+        message is safe in the broker whether or not the event goes out."""
+        if not self.app.conf.worker_send_task_events:
+            return
+        try:
+            self.send_event(
+                "task-held",
+                retry=False,
+                exception=repr(outcome.error),
+                eta=datetime.fromtimestamp(due, UTC).isoformat(),
+            )
+        except (OperationalError, OSError) as exc:
+            logger.warning("could not tell Flower that %s is held (%r)", self.request.id, exc)
+
     def settle(self, delivery: Delivery, outcome: Outcome) -> Any:
         """The outcome in Celery's terms: a result, a FAILURE carrying the reply, or a retry."""
         if outcome.status == "held":  # not run (breaker open, or over its rate limit): later
-            self.redelay(
-                delivery, time() + outcome.delay, held=True, reservation=outcome.reservation
-            )
+            due = time() + outcome.delay
+            try:
+                self.redelay(delivery, due, held=True, reservation=outcome.reservation)
+            except Ignore:  # sent back: its task-sent event is out, so HELD's fields last
+                self.held(outcome, due)
+                raise
         if outcome.status == "retry":
             # Task.retry() counts the retry and tells Flower (RETRY); its countdown would hold the
             # message in this worker, so the broker holds it instead (postroom._celery.delays),
@@ -188,6 +224,8 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         if outcome.status == "rejected":
             raise RejectedReply(outcome.reply)
         if outcome.status == "failed":
+            if isinstance(outcome.error, CircuitOpen):  # a query's fallback had no answer
+                raise CircuitOpenReply(outcome.reply)
             raise FailedReply(outcome.reply) from outcome.error
         return outcome.reply
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 
+from pydantic_core import to_jsonable_python
+
 from postroom.breakers import Admission, Limits, breaker_name
-from postroom.errors import Rejected
+from postroom.errors import CircuitOpen, Rejected
 from postroom.messages import CircuitClosed, CircuitOpened
+from postroom.pipeline.context import HandlerContext
 from postroom.pipeline.delivery import Delivery, Outcome
-from postroom.pipeline.steps import GiveUp, Next, Step
+from postroom.pipeline.steps import GiveUp, Next, Step, reply
 
 logger = logging.getLogger("postroom.breakers")
 
@@ -19,7 +22,11 @@ class Breaker(Step):
     It sits outside Retry, so it sees one outcome per run: a retry or a give-up is a failure
     (unless the error is a ``Rejected``), anything else a success. A partitioned message is
     retried in place to keep its order, so it is never held: it passes through unchanged. A
-    store that cannot be reached leaves the breaker out of the way (the message runs)."""
+    store that cannot be reached leaves the breaker out of the way (the message runs).
+
+    A query whose handler declares a fallback is not held: its asker is waiting, and a hold
+    lasts up to a cool-down. The fallback answers it at once, and the reply says so; if the
+    fallback has no answer (None, or an error) the query fails at once with ``CircuitOpen``."""
 
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
         runtime = delivery.runtime
@@ -34,7 +41,10 @@ class Breaker(Step):
             logger.warning("breaker %s cannot be read (%r); the message runs", name, exc)
             admission = Admission()
         if admission.hold is not None:
-            return Outcome("held", delay=admission.hold)
+            if delivery.kind == "query" and delivery.handler.fallback is not None:
+                return self._fall_back(delivery, name, admission.hold)
+            held = CircuitOpen(f"{name}'s circuit breaker is open: held {admission.hold:.1f}s")
+            return Outcome("held", error=held, delay=admission.hold)
         try:
             outcome = call_next(delivery)
         except GiveUp as stop:
@@ -46,6 +56,29 @@ class Breaker(Step):
         failed = outcome.status == "retry"
         self._record(delivery, name, limits, admission.probe, outcome.error if failed else None)
         return outcome
+
+    @staticmethod
+    def _fall_back(delivery: Delivery, name: str, hold: float) -> Outcome:
+        assert delivery.handler is not None
+        assert delivery.handler.fallback is not None
+        ctx = delivery.ctx = HandlerContext(delivery)
+        try:
+            answer = to_jsonable_python(delivery.handler.fallback(delivery.message, ctx))
+        except Exception as exc:
+            logger.warning("breaker %s: the fallback raised", name, exc_info=True)
+            problem = f"its fallback raised {exc!r}"
+        else:
+            if answer is not None:
+                value = reply(delivery, "succeeded", value=answer, fallback=True)
+                return Outcome("succeeded", reply=value)
+            problem = "its fallback had no answer"
+        finally:
+            ctx.discard()
+        error = CircuitOpen(
+            f"{name}'s circuit breaker is open (its handler keeps failing) and {problem}: ask "
+            f"again in {hold:.0f}s or later"
+        )
+        return Outcome("failed", reply=reply(delivery, "failed", error=error), error=error)
 
     def _record(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from postroom.errors import RateLimited
 from postroom.pipeline.delivery import Delivery, Outcome
 from postroom.pipeline.steps import Next, Step
 from postroom.ratelimits import RESERVATION, limit_name
@@ -36,9 +37,11 @@ class Throttle(Step):
             slot = runtime.rate_limits.take(name, runtime.clock(), interval, carried, in_place)
         except runtime.retry.retry_on as exc:
             logger.warning("rate limit %s cannot be read (%r); the message waits", name, exc)
-            return Outcome("held", delay=UNREADABLE_WAIT)
+            unread = RateLimited(f"{name}'s rate limit cannot be read: held {UNREADABLE_WAIT}s")
+            return Outcome("held", error=unread, delay=UNREADABLE_WAIT)
         if slot.token:
-            return Outcome("held", delay=slot.wait, reservation=slot.token)
+            held = RateLimited(f"{name} is over its rate limit: held {slot.wait:.2f}s, to its slot")
+            return Outcome("held", error=held, delay=slot.wait, reservation=slot.token)
         if slot.wait > 0:
             runtime.sleep(slot.wait)
         return call_next(delivery)

@@ -67,7 +67,12 @@ class InvalidReply(Exception):
 
 
 def reply(
-    delivery: Delivery, status: str, *, value: Any = None, error: BaseException | None = None
+    delivery: Delivery,
+    status: str,
+    *,
+    value: Any = None,
+    error: BaseException | None = None,
+    fallback: bool = False,
 ) -> dict[str, Any]:
     envelope = delivery.envelope
     return Reply(
@@ -79,6 +84,7 @@ def reply(
         causation_id=envelope.message_id if envelope else None,
         message_type=delivery.handler.contract.__message_type__ if delivery.handler else "",
         attempts=delivery.attempt,
+        fallback=fallback,
     ).model_dump(mode="json")
 
 

@@ -21,6 +21,7 @@ from postroom import (
     Command,
     Event,
     HandlerContext,
+    Query,
     RateLimit,
     Rejected,
     TransientError,
@@ -146,6 +147,34 @@ def call_downstream(cmd: CallDownstream, ctx: HandlerContext) -> dict[str, int]:
         raise TransientError("the downstream does not answer")
     ctx.transaction().incr(key(SERVICE, "downstream", "done"))
     return {"n": cmd.n}
+
+
+class GetReading(Query, service=SERVICE):
+    """Reads a sensor through a downstream that does not answer while its ``readings:down`` key
+    is set; each reading it gives is the next of its count, kept as the sensor's last one."""
+
+    sensor: str
+
+
+#: GetReading's: a cool-down long enough that a test's asks all fall inside it
+READING_BREAKER = CircuitBreaker(failures=3, cooldown=6.0)
+
+
+def last_reading(query: GetReading, ctx: HandlerContext) -> dict[str, Any] | None:
+    """GetReading's fallback: the sensor's last reading, shared by every worker (None if none)."""
+    found = client().hget(key(SERVICE, "readings"), query.sensor)
+    return None if found is None else dict(json.loads(found))
+
+
+@handles(GetReading, breaker=READING_BREAKER, fallback=last_reading)
+def get_reading(query: GetReading, ctx: HandlerContext) -> dict[str, Any]:
+    db = client()
+    if db.exists(key(SERVICE, "readings", "down")):
+        db.incr(key(SERVICE, "readings", "runs_while_down"))
+        raise TransientError("the sensor does not answer")
+    reading = {"sensor": query.sensor, "n": db.incr(key(SERVICE, "readings", "count"))}
+    db.hset(key(SERVICE, "readings"), query.sensor, json.dumps(reading))
+    return reading
 
 
 class DownstreamNoticed(Event, service=SERVICE):

@@ -10,20 +10,13 @@ a partition queue and a priority message, which kombu keeps in a list of its own
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import re
-import signal
-import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 from kombu import Queue
@@ -35,65 +28,15 @@ from postroom.partitions import partition_count, partition_of
 from postroom.topology import command_queue_name, partition_queue_name
 from tasks.assets import RegisterAsset
 from tasks.geofence import RecordPosition
-from tests.support import ROOT, BrokerContext, run_python, wait_for
+from tests.integration.flower import Flower
+from tests.support import BrokerContext, run_python, wait_for
 from workers.flower import flower_broker, management_api
 from workers.launcher import node_name
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 
-AUTH = "watcher:correct-horse"
 #: RabbitMQ's management API refreshes its queue counts every 5 s.
 COUNTS_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Flower:
-    """``postroom flower`` on the module's broker context, behind basic auth."""
-
-    def __init__(self, broker: BrokerContext) -> None:
-        self.port = _free_port()
-        self.log = broker.workdir / "flower.log"
-        env = dict(broker.env, POSTROOM_FLOWER_PORT=str(self.port), POSTROOM_FLOWER_BASIC_AUTH=AUTH)
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.cli", "flower"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def get(self, path: str, *, auth: str | None = AUTH) -> str:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
-        if auth:
-            request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return str(response.read().decode())
-
-    def api(self, path: str) -> Any:
-        return json.loads(self.get(path))
-
-    def answers(self) -> bool:
-        assert self.proc.poll() is None, self.output()
-        try:
-            self.get("/healthcheck", auth=None)
-        except OSError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import uuid
 
+import celery
 import pytest
 
+from postroom import MessageBus
 from postroom.messages import ErrorInfo, Reply
+from postroom.settings import Settings
 from tasks.assets import BindDevice, RegisterAsset
-from workers.api import message_id_for, unsuccessful
+from workers.api import create_api, message_id_for, unsuccessful
 
 
 def _reply(status: str, error_type: str, message: str) -> Reply:
@@ -53,3 +56,13 @@ def test_an_idempotency_key_is_one_message_id_per_command_type() -> None:
     assert uuid.UUID(first).version == 5
     assert first != message_id_for("order-18", RegisterAsset)
     assert first != message_id_for("order-17", BindDevice)
+
+
+def test_a_polled_reply_says_whether_a_querys_fallback_gave_it() -> None:
+    document = create_api(MessageBus(celery.Celery()), Settings()).openapi()
+    answered = document["paths"]["/commands/{correlation_id}"]["get"]["responses"]["200"]
+    assert answered["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Reply"
+    }
+    fallback = document["components"]["schemas"]["Reply"]["properties"]["fallback"]
+    assert (fallback["type"], fallback["default"]) == ("boolean", False)

@@ -84,6 +84,13 @@ def test_outcomes_are_counted_under_the_name_their_task_arrived_with() -> None:
     }
 
 
+def test_a_query_its_open_breakers_fallback_could_not_answer_counts_as_failed() -> None:
+    metrics = TaskMetrics()
+    unanswered = {"type": "task-failed", "exception": "CircuitOpenReply('failed: CircuitOpen')"}
+    _task(metrics, "1", "probe.GetReading", "probe@box", unanswered)
+    assert _counts(metrics, "postroom_messages_failed_total") == {("probe.GetReading", "probe"): 1}
+
+
 def test_tasks_whose_outcome_never_comes_are_forgotten_oldest_first() -> None:
     metrics = TaskMetrics(remembered=2)
     for n in range(3):
