@@ -13,8 +13,9 @@ spaces a worker's). A message over the limit is not dropped, dead-lettered or ru
   messages, each held again); a reservation is spent once (the script removes it), so a
   redelivered copy asks anew instead of running in the same slot, and one whose message never
   comes back (its worker died while sending it) only wastes its own slot: the next free slot is
-  never earlier than now, so nothing leaks past the slots already handed out. Held messages go
-  to the broker's slot path (postroom._celery.delays): exact, and on Redis ahead of the queue.
+  never earlier than now, so nothing leaks past the slots already handed out. A held message
+  takes the broker's slot path (postroom._celery.delays): on time, and on Redis to the head
+  of its queue.
 - The next slot, if it is less than one interval and ``WAIT_IN_PLACE`` away, is **waited for in
   place**: the broker's delay path is not that precise (the Redis promoter sleeps up to half a
   second when nothing else is parked; RabbitMQ's shortest delay level is 100 ms), so a trip
@@ -28,13 +29,13 @@ spaces a worker's). A message over the limit is not dropped, dead-lettered or ru
 
 Slots passed while their messages were late (queued behind a burst of new messages, or all
 workers down) are lost, not made up for: the script also keeps when the latest run began, and a
-run starts at least one interval after it (less ``AHEAD``, so that a broker's jitter costs
-nothing). A message back late runs at once if that leaves room, else waits in place for it as
-a new message would (for less than one interval), else asks anew (waiting longer in place, a
-pool's processes would all end up waiting there, behind a queue of late returns); so a backlog whose slots passed never runs all at once. A
-reservation is kept ``LATE`` seconds past its slot; one that an open breaker or a retry sends
-back is dropped, and the message asks anew. The harness keeps the state in memory, on its fake
-clock. The pipeline's step is postroom.pipeline.ratelimit.
+run begins at least one interval after it (less ``AHEAD``, so that jitter costs nothing). A
+message back late runs at once if that leaves room, else waits in place as a new message would
+(less than one interval), else asks anew: waiting longer, a pool's processes would all end up
+waiting in place, behind a queue of late returns. So a backlog whose slots passed never runs
+all at once. A reservation is kept ``LATE`` seconds past its slot; one that an open breaker or
+a retry sends back is dropped, and the message asks anew. The harness keeps the state in
+memory, on its fake clock. The pipeline's step is postroom.pipeline.ratelimit.
 """
 
 from __future__ import annotations

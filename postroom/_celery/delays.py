@@ -16,8 +16,10 @@ due ones onto their lists and rings their doorbells in one script: a worker kill
 leaves each message either parked or queued, never lost nor doubled. Between two runs it sleeps
 until the earliest parked message is due, if that is sooner, so a message parked behind others
 (a rate limit's slots, postroom.ratelimits) reaches its queue within milliseconds of its due
-time; one parked while the promoter sleeps, due before it wakes, is up to that interval late. An ETA set by plain Celery
-code is parked the same way, and cleared so the worker runs the message as soon as it arrives.
+time; one parked while the promoter sleeps, due before it wakes, is up to that sleep late. A
+rate limit's slot holder goes to the head of its list, not behind what queued meanwhile. An ETA
+set by plain Celery code is parked the same way, and cleared so the worker runs the message as
+soon as it arrives.
 
 **RabbitMQ.** A classic queue expires its messages from the head only, so a queue whose messages
 all have one TTL (``x-message-ttl``) expires them in order, on time; a per-message TTL would wait
@@ -79,9 +81,9 @@ LEVEL = "x-postroom-delay-level"
 DELAYED_KEY = "_postroom.delayed"
 #: due messages moved per PROMOTE run, so one run never holds Redis for long
 PROMOTE_BATCH = 500
-#: longest sleep (seconds) between two promotions of a worker; shortest, so that a worker
-#: whose clock runs ahead of Redis's does not spin
+#: longest sleep (seconds) between two promotions of a worker
 PROMOTE_INTERVAL = 0.5
+#: shortest, so that a promoter whose parked messages are due but not moved yet does not spin
 PROMOTE_AT_LEAST = 0.005
 
 #: KEYS: the delayed set. ARGV: the time now, the batch size, the key prefix, the ring, the
