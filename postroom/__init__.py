@@ -10,6 +10,7 @@ from postroom.errors import (
     InvalidSchedule,
     NotInstalled,
     PostroomError,
+    RateLimited,
     Rejected,
     ReplyTimeout,
     SendFailed,
@@ -31,6 +32,7 @@ from postroom.messages import (
     upcaster,
 )
 from postroom.pipeline import Delivery, HandlerContext, Outcome, Step
+from postroom.ratelimits import RateLimit
 from postroom.retries import RetryPolicy
 from postroom.settings import Settings
 
@@ -59,6 +61,8 @@ __all__ = [
     "PendingReply",
     "PostroomError",
     "Query",
+    "RateLimit",
+    "RateLimited",
     "Rejected",
     "Reply",
     "ReplyTimeout",
