@@ -11,6 +11,7 @@ from postroom.errors import (
     NotInstalled,
     OutOfLine,
     PostroomError,
+    RateLimited,
     Rejected,
     ReplyTimeout,
     SendFailed,
@@ -32,6 +33,7 @@ from postroom.messages import (
     upcaster,
 )
 from postroom.pipeline import Delivery, HandlerContext, Outcome, Step
+from postroom.ratelimits import RateLimit
 from postroom.retries import RetryPolicy
 from postroom.settings import Settings
 
@@ -61,6 +63,8 @@ __all__ = [
     "PendingReply",
     "PostroomError",
     "Query",
+    "RateLimit",
+    "RateLimited",
     "Rejected",
     "Reply",
     "ReplyTimeout",

@@ -88,6 +88,10 @@ class CircuitOpen(PostroomError):
     fallback had no answer for it."""
 
 
+class RateLimited(PostroomError):
+    """A handler's rate limit had no slot free: its message was held until its slot, not run."""
+
+
 class SendFailed(PostroomError, ConnectionError):
     """The broker could not be reached, or did not confirm a message, after every retry; it may
     or may not hold the message."""

@@ -15,6 +15,7 @@ from postroom.breakers import CircuitBreaker
 from postroom.errors import ContractError
 from postroom.messages import Command, Event, Message, Query
 from postroom.pipeline import kind_of
+from postroom.ratelimits import RateLimit
 from postroom.registry import Handler, registry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -26,6 +27,7 @@ def handles(
     service: str | None = None,
     breaker: CircuitBreaker | bool | None = None,
     fallback: Callable[..., Any] | None = None,
+    rate_limit: RateLimit | str | None = None,
 ) -> Callable[[F], F]:
     """Make ``fn(message, ctx)`` the one handler of a command or query type, run as a Celery task.
 
@@ -36,6 +38,9 @@ def handles(
     ``fallback``: a query's ``fallback(query, ctx)``, which answers it while its breaker is open
     (its asker is waiting: holding the query for a cool-down would outlast the ask); the reply
     says ``fallback=True``. None or an error from it fails the query at once (``CircuitOpen``).
+    ``rate_limit``: at most so many runs per period across every worker (postroom.ratelimits):
+    ``RateLimit(50, per=1.0)`` or ``"50/s"``; the messages over it wait in the broker for their
+    slot.
     """
     if not (isinstance(contract, type) and issubclass(contract, Command | Query)):
         raise ContractError(
@@ -51,8 +56,10 @@ def handles(
     if fallback is not None:
         _check_fallback(contract, breaker, fallback)
 
+    limit = None if rate_limit is None else RateLimit.parse(rate_limit)
+
     def decorate(fn: F) -> F:
-        handler = Handler(contract, fn, contract.__service__, breaker, fallback)
+        handler = Handler(contract, fn, contract.__service__, breaker, fallback, rate_limit=limit)
         registry.add_owner(handler)
         register_task(
             contract.__message_type__, kind_of(contract), fn.__module__, fn.__doc__, handler=handler
@@ -88,20 +95,26 @@ def _check_fallback(
 
 
 def subscribes(
-    event: type[Event], *, pool: str, breaker: CircuitBreaker | bool | None = None
+    event: type[Event],
+    *,
+    pool: str,
+    breaker: CircuitBreaker | bool | None = None,
+    rate_limit: RateLimit | str | None = None,
 ) -> Callable[[F], F]:
     """Make ``fn(event, ctx)`` pool ``pool``'s handler of an event type; any number of pools may.
 
-    ``breaker`` as for ``@handles``: one per pool's handler."""
+    ``breaker`` and ``rate_limit`` as for ``@handles``: each pool's handler has its own."""
     if not (isinstance(event, type) and issubclass(event, Event)):
         raise ContractError(
             f"@subscribes takes an Event class, not {event!r}; commands and queries have one "
             "owner, declared with @handles"
         )
 
+    limit = None if rate_limit is None else RateLimit.parse(rate_limit)
+
     def decorate(fn: F) -> F:
         first = not registry.pools_subscribed(event.__message_type__)
-        registry.add_subscriber(Handler(event, fn, pool, breaker))
+        registry.add_subscriber(Handler(event, fn, pool, breaker, rate_limit=limit))
         if first:  # one task per event type; each worker runs its own pool's handler
             register_task(
                 event.__message_type__,

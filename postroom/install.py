@@ -33,6 +33,7 @@ from postroom.errors import NotInstalled
 from postroom.eventlog import RedisStreamStore
 from postroom.outbox import Removals
 from postroom.pipeline import Pipeline, Runtime, Step, default_steps
+from postroom.ratelimits import RedisRateLimits
 from postroom.registry import registry
 from postroom.reliability import Reliability, redrive
 from postroom.retries import RetryPolicy
@@ -99,8 +100,14 @@ class Installation:
             stores=dict(self.stores),
             removals=Removals(),
             breakers=self.breakers,
+            rate_limits=self.rate_limits,
             redrive=partial(redrive, self.app),
         )
+
+    @cached_property
+    def rate_limits(self) -> RedisRateLimits:
+        """The handlers' rate limits, in the state Redis, shared by every worker."""
+        return RedisRateLimits(self.reliability.client, self.settings.namespace)
 
     @cached_property
     def breakers(self) -> Breakers:

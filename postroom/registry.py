@@ -9,6 +9,7 @@ from typing import Any
 from postroom.breakers import CircuitBreaker
 from postroom.errors import DuplicateHandler
 from postroom.messages import Message
+from postroom.ratelimits import RateLimit
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class Handler:
     breaker: CircuitBreaker | bool | None = None
     #: a query's ``fn(query, ctx)`` that answers it while its breaker is open (postroom.breakers)
     fallback: Callable[..., Any] | None = None
+    #: at most so many runs a second across the deployment, or None (see postroom.ratelimits)
+    rate_limit: RateLimit | None = None
 
     @property
     def where(self) -> str:

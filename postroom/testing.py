@@ -3,10 +3,10 @@
 The harness is a broker and a worker in one: ``send``, ``ask`` and ``publish`` queue messages as
 the bus would (the same headers, the payload through JSON), and ``run()`` hands each to the same
 pipeline a Celery worker runs (decode, signature, upcast, validate, parked keys, inbox, poison
-guard, retry, commit, dead letters), until every message a send caused has been handled: the
-events it published, each subscribed pool's delivery of them, and retries, whose backoff passes on
-a fake clock. Then a test asserts on replies, published events and dead letters (and redrives
-them, ``harness.redrive()``, as ``postroom dlq redrive`` does)::
+guard, breaker, rate limit, retry, commit, dead letters), until every message a send caused has
+been handled: the events it published, each subscribed pool's delivery of them, and retries and
+held messages, whose wait passes on a fake clock. Then a test asserts on replies, published events
+and dead letters (and redrives them, ``harness.redrive()``, as ``postroom dlq redrive`` does)::
 
     def test_registering_announces_the_asset(postroom_harness):
         reply = postroom_harness.ask(RegisterAsset(name="Truck 12"))
@@ -43,6 +43,7 @@ from postroom.messages import Command, Event, Message, Query, Reply
 from postroom.parking import purge_one, redrive_all, redrive_one
 from postroom.partitions import partition_of
 from postroom.pipeline import Delivery, Pipeline, Runtime, Step, default_steps, kind_of
+from postroom.ratelimits import RESERVATION, MemoryRateLimits
 from postroom.registry import registry
 from postroom.reliability import DeadLetter
 from postroom.retries import RetryPolicy
@@ -143,6 +144,8 @@ class Harness:
                 breaker_ratio,
                 breaker_window,
             ),
+            rate_limits=MemoryRateLimits(),
+            wait_in_place=0.0,  # its delays are exact, and its worker runs one message at a time
         )
         self.pipeline = Pipeline(default_steps(steps))
         self.replies: dict[str, Reply] = {}
@@ -275,9 +278,13 @@ class Harness:
         outcome = self.pipeline(delivery)
         for deferred in delivery.after_reply:
             deferred()
-        if outcome.status in {"retry", "held"}:  # held: its breaker is open, the same attempt
+        if outcome.status in {"retry", "held"}:  # held: not run now, the same attempt later
             again = _fresh(delivery)
             again.attempt = delivery.attempt + (outcome.status == "retry")
+            headers = {k: v for k, v in delivery.headers.items() if k != RESERVATION}
+            if outcome.reservation:  # its rate-limit slot, carried back as a worker's does
+                headers[RESERVATION] = outcome.reservation
+            again.headers = headers
             self._enqueue(again, delay=outcome.delay)
         elif outcome.reply is not None:
             reply = Reply.model_validate(outcome.reply)

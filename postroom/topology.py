@@ -177,6 +177,12 @@ def delay_queue_name(destination: str, level_ms: int) -> str:
     return f"postroom.delay.{level_ms}.{destination}"
 
 
+def slot_queue_name(destination: str, message_type: str) -> str:
+    """Where a message of ``message_type`` its rate limit held waits for its slot, before the
+    broker moves it to ``destination`` (see postroom._celery.delays); nobody consumes it."""
+    return f"postroom.delay.slots.{destination}.{message_type}"
+
+
 def event_delivery_name(event_type: str, pool: str) -> str:
     """How one pool's delivery of an event is named in logs and Flower."""
     return f"{event_type}@{pool}"

@@ -231,9 +231,12 @@ def start_epmd(port: int, log: Path) -> subprocess.Popen[bytes]:
 class PrivateRabbitMQ(_Server):
     """A RabbitMQ node of its own: own node name, ports, epmd, cookie, config, plugins and data."""
 
-    def __init__(self, *, epmd_port: int | None = None, cookie: str | None = None) -> None:
+    def __init__(
+        self, *, epmd_port: int | None = None, cookie: str | None = None, advanced: str = ""
+    ) -> None:
         """A node on its own, or (given ``epmd_port`` and ``cookie``) one of a cluster whose
-        epmd is started and stopped by the cluster."""
+        epmd is started and stopped by the cluster; ``advanced`` is its advanced.config (Erlang
+        terms), for the settings rabbitmq.conf has no key for."""
         super().__init__("postroom-rabbitmq-")
         self.node = f"postroom-test-{secrets.token_hex(4)}@localhost"
         self.port = free_port()
@@ -249,6 +252,8 @@ class PrivateRabbitMQ(_Server):
             "loopback_users.guest = true\ndisk_free_limit.absolute = 50MB\n"
         )
         (self.root / "rabbitmq-env.conf").write_text("# private test node: no settings\n")
+        if advanced:
+            (self.root / "advanced.config").write_text(advanced)
         (self.root / "enabled_plugins").write_text("[].\n")
         loopback_dist = "-kernel inet_dist_use_interface {127,0,0,1}"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
@@ -414,11 +419,14 @@ class PrivateRabbitMQCluster(_Managed):
     all, each node with its own name, ports and data. As a context manager, every node and the
     epmd are stopped (killed if need be, by the PIDs started here) on the way out."""
 
-    def __init__(self, size: int = 3) -> None:
+    def __init__(self, size: int = 3, *, advanced: str = "") -> None:
         self.root = Path(tempfile.mkdtemp(prefix="postroom-rabbitmq-cluster-"))
         self.epmd_port = free_port()
         cookie = secrets.token_hex(16).upper()
-        self.nodes = [PrivateRabbitMQ(epmd_port=self.epmd_port, cookie=cookie) for _ in range(size)]
+        self.nodes = [
+            PrivateRabbitMQ(epmd_port=self.epmd_port, cookie=cookie, advanced=advanced)
+            for _ in range(size)
+        ]
         self.epmd: subprocess.Popen[bytes] | None = None
 
     @property

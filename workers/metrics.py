@@ -14,7 +14,8 @@ store at each scrape:
   broker <─────── LLEN or passive declare ───> queue depth (per queue)                ├─> GET /metrics
   dead-letter store <── letters not seen yet > dead letters (per message_type,        │
                                                owner, reason)                         │
-  state Redis <── circuit breakers ──────────> breaker open (per message_type, owner) ┘
+  state Redis <── circuit breakers ──────────> breaker open (per message_type, owner) │
+              <── rate limits ───────────────> slot wait (per message_type, owner)    ┘
 ```
 
 Counters start at zero when the exporter starts and count what it saw (Prometheus' ``rate()``
@@ -48,6 +49,7 @@ from prometheus_client.registry import Collector
 
 from postroom.breakers import Breakers, breaker_name
 from postroom.install import installation
+from postroom.ratelimits import RateLimitStore, limit_name
 from postroom.registry import registry
 from postroom.reliability import DeadLetters, reliability
 from postroom.settings import Settings
@@ -317,6 +319,38 @@ class BreakerStates(Collector):
         return [family]
 
 
+class RateLimitWaits(Collector):
+    """``postroom_rate_limit_wait_seconds{message_type, owner}``: how long a message of a
+    rate-limited handler arriving now would wait for its slot (0: under its limit), which is
+    how much of a backlog its limit holds in the broker; one series per handler with a limit,
+    read from the state Redis at each scrape."""
+
+    NAME = "postroom_rate_limit_wait_seconds"
+    DOC = "Seconds a message of a rate-limited handler arriving now would wait for its slot."
+    LABELS = ("message_type", "owner")
+
+    def __init__(self, limits: Callable[[], RateLimitStore]) -> None:
+        self._limits = limits
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self.NAME, self.DOC, labels=self.LABELS)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self.NAME, self.DOC, labels=self.LABELS)
+        limited = sorted(
+            (h.contract.__message_type__, h.owner) for h in registry.handlers() if h.rate_limit
+        )
+        try:
+            store, now = self._limits(), time.time()
+            for message_type, owner in limited:
+                wait = store.backlog(limit_name(owner, message_type), now)
+                family.add_metric([message_type, owner], wait)
+        except redis.RedisError as exc:
+            logger.warning("cannot read the rate limits: %r", exc)
+            return []
+        return [family]
+
+
 class EventStream(threading.Thread):
     """Celery's event stream, consumed as Flower consumes it, reconnecting with backoff."""
 
@@ -372,12 +406,14 @@ class Exporter:
         self.tasks = TaskMetrics()
         queues = [queue.name for queue in app.amqp.queues.values()]
         self.collectors: tuple[
-            Counter | Histogram | QueueDepths | DeadLetterCounts | BreakerStates, ...
+            Counter | Histogram | QueueDepths | DeadLetterCounts | BreakerStates | RateLimitWaits,
+            ...,
         ] = (
             *self.tasks.metrics,
             QueueDepths(app, queues),
             DeadLetterCounts(lambda: reliability(app).dead_letters, lambda t: t in app.tasks),
             BreakerStates(lambda: installation(app).breakers),
+            RateLimitWaits(lambda: installation(app).rate_limits),
         )
         self.registry = CollectorRegistry()
         for collector in self.collectors:

@@ -13,8 +13,13 @@ outside the signed ``postroom.*`` envelope since a retry moves it.
 deployment (``<prefix>_postroom.delayed``, scored by due time), with the list it goes to and its
 queue's doorbell; every worker runs PROMOTE about twice a second (``Promoter``), which moves the
 due ones onto their lists and rings their doorbells in one script: a worker killed at any instant
-leaves each message either parked or queued, never lost nor doubled. An ETA set by plain Celery
-code is parked the same way, and cleared so the worker runs the message as soon as it arrives.
+leaves each message either parked or queued, never lost nor doubled. Between two runs it sleeps
+until the earliest parked message is due, if that is sooner, so a message parked behind others
+(a rate limit's slots, postroom.ratelimits) reaches its queue within milliseconds of its due
+time; one parked while the promoter sleeps, due before it wakes, is up to that sleep late. A
+rate limit's slot holder goes to the head of its list, not behind what queued meanwhile. An ETA
+set by plain Celery code is parked the same way, and cleared so the worker runs the message as
+soon as it arrives.
 
 **RabbitMQ.** A classic queue expires its messages from the head only, so a queue whose messages
 all have one TTL (``x-message-ttl``) expires them in order, on time; a per-message TTL would wait
@@ -55,12 +60,14 @@ from kombu.utils.json import dumps
 
 from postroom._celery.fetch import DOORBELL_TTL_MS, RING, doorbell
 from postroom.errors import InvalidSchedule
+from postroom.ratelimits import RESERVATION
 from postroom.topology import (
     EVENTS_EXCHANGE,
     QUORUM,
     QueueType,
     delay_queue_name,
     queue_arguments,
+    slot_queue_name,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,17 +81,20 @@ LEVEL = "x-postroom-delay-level"
 DELAYED_KEY = "_postroom.delayed"
 #: due messages moved per PROMOTE run, so one run never holds Redis for long
 PROMOTE_BATCH = 500
-#: seconds between two promotions of a worker
+#: longest sleep (seconds) between two promotions of a worker
 PROMOTE_INTERVAL = 0.5
+#: shortest, so that a promoter whose parked messages are due but not moved yet does not spin
+PROMOTE_AT_LEAST = 0.005
 
 #: KEYS: the delayed set. ARGV: the time now, the batch size, the key prefix, the ring, the
-#: doorbell TTL. Each member is ``[list, doorbell, message]`` (keys unprefixed). Returns the number
-#: moved. LPUSH as kombu's publish does: the message is taken after those already queued.
+#: doorbell TTL. Each member is ``[list, doorbell, message]`` (keys unprefixed), or ``[list,
+#: doorbell, message, 1]`` for one that goes to the head of its list. Returns the number moved.
+#: LPUSH as kombu's publish does: the message is taken after those already queued; RPUSH: next.
 PROMOTE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(due) do
     local entry = cjson.decode(member)
-    redis.call('LPUSH', ARGV[3] .. entry[1], entry[3])
+    redis.call(entry[4] and 'RPUSH' or 'LPUSH', ARGV[3] .. entry[1], entry[3])
     redis.call('ZADD', ARGV[3] .. entry[2], 0, ARGV[4])
     redis.call('PEXPIRE', ARGV[3] .. entry[2], ARGV[5])
     redis.call('ZREM', KEYS[1], member)
@@ -148,11 +158,14 @@ def park(
     add: Callable[..., Any], list_key: str, queue: str, message: dict[str, Any], due: float
 ) -> None:
     """Queue, through ``add(command, *args)`` (a pipeline's or a publish batch's), the parking of
-    ``message`` until ``due``: it goes to ``list_key`` (``queue``'s list) then. Its ETA is cleared,
-    its due time kept in its header."""
-    message["headers"] = {**(message.get("headers") or {}), "eta": None, DUE: due}
-    raw = dumps(message)
-    add("zadd", DELAYED_KEY, {json.dumps([list_key, doorbell(queue), raw]): due})
+    ``message`` until ``due``: it goes to ``list_key`` (``queue``'s list) then, at its head if it
+    holds a rate-limit slot (its run is due then, not after what queued meanwhile). Its ETA is
+    cleared, its due time kept in its header."""
+    headers = message["headers"] = {**(message.get("headers") or {}), "eta": None, DUE: due}
+    entry = [list_key, doorbell(queue), dumps(message)]
+    if headers.get(RESERVATION):
+        entry.append(1)
+    add("zadd", DELAYED_KEY, {json.dumps(entry): due})
 
 
 def promote(client: redis.Redis, prefix: str, now: float | None = None) -> int:
@@ -172,8 +185,15 @@ def promote(client: redis.Redis, prefix: str, now: float | None = None) -> int:
     return total
 
 
+def next_due(client: redis.Redis, prefix: str) -> float | None:
+    """When the earliest parked message is due, or None if none is parked."""
+    earliest = client.zrange(prefix + DELAYED_KEY, 0, 0, withscores=True)
+    return float(earliest[0][1]) if earliest else None
+
+
 class Promoter(threading.Thread):
-    """A worker's promotion loop: every PROMOTE_INTERVAL seconds, due messages to their queues.
+    """A worker's promotion loop: due messages to their queues, every PROMOTE_INTERVAL seconds
+    or as soon as the earliest parked message is due.
 
     Every worker runs one, so delayed messages move while any worker of the deployment is up, and
     the script makes any number of them safe to run at once.
@@ -185,11 +205,17 @@ class Promoter(threading.Thread):
         self._stopping = threading.Event()
 
     def run(self) -> None:
-        while not self._stopping.wait(PROMOTE_INTERVAL):
+        pause = PROMOTE_INTERVAL
+        while not self._stopping.wait(pause):
+            pause = PROMOTE_INTERVAL
             try:
                 promote(self.client, self.prefix)
+                due = next_due(self.client, self.prefix)
             except Exception:
                 logger.exception("promoting delayed messages failed; will try again")
+                continue
+            if due is not None:
+                pause = min(PROMOTE_INTERVAL, max(PROMOTE_AT_LEAST, due - time()))
 
     def stop(self) -> None:
         """Stop after the promotion in progress, if any (it is one script: all or nothing)."""
@@ -243,6 +269,24 @@ def delay_queue(destination: str, level: int, queue_type: QueueType) -> Queue:
 
 
 @cache
+def slot_queue(destination: str, message_type: str, queue_type: QueueType) -> Queue:
+    """Where a message of ``message_type`` its rate limit held waits for its slot, before the
+    broker moves it to ``destination``: one queue per limit, whose messages each carry their own
+    TTL (``expiration``). A per-message TTL expires from the head only, which is right here: a
+    limit hands out its slots in order, so each message is due after those ahead of it (another
+    limit's, in the same queue, would not be), and it arrives when due, with no hop through the
+    levels (each a publish, up to 100 ms late)."""
+    return Queue(
+        slot_queue_name(destination, message_type),
+        durable=True,
+        queue_arguments=_dead_lettering(
+            queue_type,
+            **{"x-dead-letter-exchange": "", "x-dead-letter-routing-key": destination},
+        ),
+    )
+
+
+@cache
 def delayed_event_queue(level: int, queue_type: QueueType) -> Queue:
     """The queue an event published with a delay waits ``level`` ms in, before the broker hands it
     to the events exchange under its own routing key (its event type)."""
@@ -258,12 +302,22 @@ def delayed_event_queue(level: int, queue_type: QueueType) -> Queue:
     )
 
 
-def route(is_redis: bool, destination: str, due: float, queue_type: QueueType) -> dict[str, Any]:
+def route(
+    is_redis: bool, destination: str, due: float, queue_type: QueueType, *, slot: str = ""
+) -> dict[str, Any]:
     """Celery publish options sending a message for ``destination`` (a queue's name) toward it,
     due at ``due``: on Redis to the queue itself (the transport parks it), on RabbitMQ to the
-    delay queue of its level, of the deployment's ``queue_type``."""
+    delay queue of its level, of the deployment's ``queue_type``, or, holding a rate-limit slot
+    of its type ``slot``, to that limit's slot queue, with a TTL of its own."""
     if is_redis:
         return {"queue": Queue(destination), "exchange_type": "direct"}
+    if slot:
+        ttl = max(0.001, due - time())
+        return {
+            "queue": slot_queue(destination, slot, queue_type),
+            "exchange_type": "direct",
+            "expiration": ttl,
+        }
     level = level_for(due - time())
     return {"queue": delay_queue(destination, level, queue_type), "exchange_type": "direct"}
 

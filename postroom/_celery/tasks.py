@@ -3,9 +3,11 @@
 A task's body builds a Delivery from Celery's request, runs the pipeline, and turns the Outcome
 into a task result: a reply returned (SUCCESS), a rejected or failed reply raised (FAILURE, so
 Flower shows it as such, the reply intact), a retry through ``Task.retry`` (RETRY), its backoff held
-by the broker (postroom._celery.delays). A message its open breaker held is sent back through the
-broker the same way, as the same attempt, and acknowledged with no state recorded; a task event
-of postroom's own, ``task-held``, tells Flower why (it shows the task as HELD, see ``held``).
+by the broker (postroom._celery.delays). A message its open breaker or its rate limit held is sent
+back through the broker the same way, as the same attempt, and acknowledged with no state
+recorded (one its rate limit held carries its reservation back, postroom.ratelimits); a task
+event of postroom's own, ``task-held``, tells Flower why (it shows the task as HELD, see
+``held``).
 
 Events: one task per event type; every worker process of a pool consumes that pool's queue only,
 so it knows its pool from the queue it was started on. The worker renames its delivery
@@ -39,6 +41,7 @@ from postroom.errors import (
 from postroom.headers import MESSAGE_ID, REPLAY
 from postroom.pipeline import Delivery, Kind, Outcome
 from postroom.pipeline.steps import replayed_id
+from postroom.ratelimits import RESERVATION
 from postroom.registry import Handler, registry
 from postroom.topology import (
     command_queue_name,
@@ -141,21 +144,35 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
         retry: BaseException | None = None,
         *,
         held: bool = False,
+        reservation: str = "",
     ) -> None:
         """Send this message back to its queue through the broker, due at ``due``: as a retry
         of ``retry`` (raises Celery's Retry), else as the same attempt, for a message that
-        arrived early or that its open breaker ``held`` (raises Ignore: acknowledged, no state
-        recorded); a held one's wait is spread a little (``delays.spread``)."""
+        arrived early or that its open breaker or rate limit ``held`` (raises Ignore:
+        acknowledged, no state recorded). A retry or a held message drops the rate-limit slot
+        it carried, and a message its limit held carries its new ``reservation`` instead, due
+        exactly then; a breaker's hold is spread a little (``delays.spread``). One that arrived
+        early keeps its headers as they are."""
         from postroom.install import installation  # noqa: PLC0415 - install imports this module
 
         installed = installation(self.app)
-        if held:
+        if held and not reservation:
             now = time()
             due = now + delays.spread(due - now)
+        handler = delivery.handler
+        limited = handler.contract.__message_type__ if reservation and handler else ""
         options = delays.route(
-            installed.settings.broker_is_redis, delivery.queue, due, installed.queue_type
+            installed.settings.broker_is_redis,
+            delivery.queue,
+            due,
+            installed.queue_type,
+            slot=limited,
         )
         headers = delays.with_due(self.request.headers, due)
+        if held or retry is not None:
+            headers.pop(RESERVATION, None)
+            if reservation:
+                headers[RESERVATION] = reservation
         if retry is not None:
             self.retry(exc=retry, countdown=0, headers=headers, **options)
         self.signature_from_request(self.request, headers=headers, **options).apply_async()
@@ -182,10 +199,10 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> Any:
         """The outcome in Celery's terms: a result, a FAILURE carrying the reply, or a retry."""
-        if outcome.status == "held":  # its breaker is open: not run, the same attempt later
+        if outcome.status == "held":  # not run (breaker open, or over its rate limit): later
             due = time() + outcome.delay
             try:
-                self.redelay(delivery, due, held=True)
+                self.redelay(delivery, due, held=True, reservation=outcome.reservation)
             except Ignore:  # sent back: its task-sent event is out, so HELD's fields last
                 self.held(outcome, due)
                 raise

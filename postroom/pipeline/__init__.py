@@ -3,7 +3,7 @@
 A Celery worker (postroom._celery) and the in-memory harness (postroom.testing) run the same
 steps, so what a handler test proves about dedupe, retries and commits holds on a real broker.
 Add your own step with ``postroom.install(app, settings, steps=[...])``: your steps run around
-the handler call, inside Breaker, Retry and Commit, outermost first (see the README, "The
+the handler call, inside Breaker, Throttle, Retry and Commit, outermost first (see the README, "The
 handling pipeline").
 """
 
@@ -16,6 +16,7 @@ from postroom.pipeline.breaker import Breaker
 from postroom.pipeline.context import HandlerContext
 from postroom.pipeline.delivery import Delivery, Kind, Outcome, Runtime, kind_of
 from postroom.pipeline.parking import Park
+from postroom.pipeline.ratelimit import Throttle
 from postroom.pipeline.steps import (
     Commit,
     DeadLetter,
@@ -49,6 +50,7 @@ __all__ = [
     "PoisonMessage",
     "Runtime",
     "Step",
+    "Throttle",
     "default_steps",
     "kind_of",
 ]
@@ -68,6 +70,7 @@ def default_steps(extra: Sequence[Step] = ()) -> list[Step]:
         Dedupe(),
         PoisonGuard(),
         Breaker(),
+        Throttle(),
         Retry(),
         Commit(),
         *extra,

@@ -51,6 +51,8 @@ class Breaker(Step):
             if not isinstance(stop.error, Rejected):
                 self._record(delivery, name, limits, admission.probe, stop.error)
             raise
+        if outcome.status == "held":  # its rate limit's slot is ahead: not a run
+            return outcome  # (a held probe's lease lapses after a cool-down, then another runs)
         failed = outcome.status == "retry"
         self._record(delivery, name, limits, admission.probe, outcome.error if failed else None)
         return outcome

@@ -16,6 +16,7 @@ from postroom.breakers import Breakers, MemoryBreakers
 from postroom.headers import Envelope
 from postroom.messages import Command, Event, Message, Query
 from postroom.outbox import Relay, Removals
+from postroom.ratelimits import WAIT_IN_PLACE, MemoryRateLimits, RateLimitStore
 from postroom.registry import Handler
 from postroom.retries import RetryPolicy
 from postroom.signing import Signer
@@ -28,8 +29,9 @@ if TYPE_CHECKING:
 Kind = Literal["command", "query", "event"]
 #: succeeded / rejected / failed: a command's or query's reply; handled: an event delivery done;
 #: retry: run again after ``Outcome.delay`` seconds, from the broker; held: not run (its breaker
-#: is open), back from the broker after ``Outcome.delay`` seconds as the same attempt, nothing
-#: is recorded; parked: not run, kept behind its key's dead letter (postroom.parking), acknowledged
+#: is open, or its rate limit's slot is ahead), back from the broker after ``Outcome.delay``
+#: seconds as the same attempt, nothing is recorded; parked: not run, kept behind its key's dead
+#: letter (postroom.parking), acknowledged
 Status = Literal["succeeded", "rejected", "failed", "handled", "retry", "held", "parked"]
 
 
@@ -71,6 +73,11 @@ class Runtime:
     clock: Callable[[], float] = time.time
     #: the handlers' circuit breakers (postroom.breakers)
     breakers: Breakers = field(default_factory=lambda: Breakers(MemoryBreakers()))
+    #: the handlers' rate limits (postroom.ratelimits)
+    rate_limits: RateLimitStore = field(default_factory=MemoryRateLimits)
+    #: a rate limit's slot this close (seconds) is waited for in place, the broker's delays
+    #: being less precise; the harness's are exact, and its in-place waits would be one at a time
+    wait_in_place: float = WAIT_IN_PLACE
     #: owners (services, pools) whose inbox, outbox and writes live elsewhere (a SQL database)
     stores: Mapping[str, InboxStore] = field(default_factory=dict)
     #: batches the removal of sent outbox entries (a worker's); None removes them at once
@@ -148,3 +155,6 @@ class Outcome:
     reply: dict[str, Any] | None = None  # a command's or query's Reply, as JSON
     error: BaseException | None = None
     delay: float = 0.0  # with status "retry" or "held"
+    #: with status "held": the rate-limit slot it was given, carried back in its header
+    #: (postroom.ratelimits), and then its delay is exact, not spread
+    reservation: str = ""

@@ -2,10 +2,10 @@
 
 ```
  Trace ─ Log ─ DeadLetter ─ Decode ─ VerifySignature ─ Upcast ─ Validate ─ Park ─ Dedupe
-   ─ PoisonGuard ─ Breaker ─ Retry ─ Commit ─ [your steps] ─ Run
+   ─ PoisonGuard ─ Breaker ─ Throttle ─ Retry ─ Commit ─ [your steps] ─ Run
 ```
 
-(Breaker is postroom.pipeline.breaker, Park postroom.pipeline.parking.) A step is called with the delivery and the rest of the pipeline (``call_next``); it may act
+(Breaker is postroom.pipeline.breaker, Throttle postroom.pipeline.ratelimit, Park postroom.pipeline.parking.) A step is called with the delivery and the rest of the pipeline (``call_next``); it may act
 before, after, or instead of calling it. An inner step that cannot go on raises ``GiveUp`` with
 a reason, and DeadLetter keeps the message with that reason.
 """

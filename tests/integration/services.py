@@ -22,6 +22,7 @@ from postroom import (
     Event,
     HandlerContext,
     Query,
+    RateLimit,
     Rejected,
     TransientError,
     handles,
@@ -194,6 +195,35 @@ def notice_downstream(event: DownstreamNoticed, ctx: HandlerContext) -> None:
 @handles(Echo)
 def echo(cmd: Echo, ctx: HandlerContext) -> dict[str, object]:
     return {"text": cmd.text, "envelope": ctx.envelope.to_headers(), "attempt": ctx.attempt}
+
+
+class CallVendor(Command, service=SERVICE):
+    """Calls a vendor API that allows VENDOR_LIMIT calls across the deployment: records when each
+    run began (a list) and how often each ``n`` ran (a hash)."""
+
+    n: int
+
+
+VENDOR_LIMIT = RateLimit(50, per=1.0)
+
+
+@handles(CallVendor, rate_limit=VENDOR_LIMIT)
+def call_vendor(cmd: CallVendor, ctx: HandlerContext) -> dict[str, int]:
+    db = client()
+    db.rpush(key(SERVICE, "vendor", "runs"), repr(time.time()))
+    db.hincrby(key(SERVICE, "vendor", "by_n"), str(cmd.n), 1)
+    return {"n": cmd.n}
+
+
+class CallOtherVendor(Command, service=SERVICE):
+    """Calls another vendor, 5 calls a second, from the same queue as CallVendor."""
+
+    n: int
+
+
+@handles(CallOtherVendor, rate_limit="5/s")
+def call_other_vendor(cmd: CallOtherVendor, ctx: HandlerContext) -> None:
+    client().rpush(key(SERVICE, "other_vendor", "runs"), repr(time.time()))
 
 
 @handles(Flaky)

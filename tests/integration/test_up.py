@@ -1,4 +1,7 @@
-"""`postroom up` as a user runs it: pools and Flower, commands from a plain shell, a clean stop."""
+"""`postroom up` as a user runs it: pools and Flower, commands from a plain shell, a clean stop.
+
+On RabbitMQ it is given two `;`-separated broker URLs, the first one's node down, as a cluster
+with a dead node: every process it starts connects to the next."""
 
 from __future__ import annotations
 
@@ -62,6 +65,13 @@ class Up:
             POSTROOM_FLOWER_BASIC_AUTH=AUTH,
             POSTROOM_IMPORTS="",
         )
+        if broker.kind == "rabbitmq":
+            # a cluster's URLs, the first node down: the pools, Flower, the API, the exporter, the
+            # demo and a user's shell all go on with the next
+            self.env["POSTROOM_BROKER_URL"] = (
+                f"amqp://guest:guest@127.0.0.1:{_free_port()}/{broker.vhost};"
+                f"{broker.settings.broker_url}"
+            )
         self.log = log
         with log.open("wb") as out:
             self.proc = subprocess.Popen(

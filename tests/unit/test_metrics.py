@@ -17,7 +17,8 @@ from config.celery import app
 from config.settings import Settings
 from postroom import CircuitBreaker, Command, handles
 from postroom.breakers import Breakers, MemoryBreakers
-from workers.metrics import BreakerStates, Exporter, TaskMetrics, labels_of
+from postroom.ratelimits import MemoryRateLimits
+from workers.metrics import BreakerStates, Exporter, RateLimitWaits, TaskMetrics, labels_of
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "postroom.json"
@@ -172,3 +173,27 @@ def test_a_breaker_is_exported_as_open_while_it_holds_its_messages() -> None:
     store.force("gauged:gauged.Gauged", time.time() + 60)
     assert series()[("gauged.Gauged", "gauged")] == 1.0
     assert ("probe.Echo", "probe") not in series()  # no breaker, no series
+
+
+class Throttled(Command, service="gauged"):
+    n: int
+
+
+@handles(Throttled, rate_limit="10/s")
+def throttled(cmd: Throttled, ctx: object) -> None: ...
+
+
+def test_a_rate_limit_is_exported_as_the_wait_a_message_arriving_now_would_have() -> None:
+    store = MemoryRateLimits()
+    collector = RateLimitWaits(lambda: store)
+
+    def series() -> dict[tuple[str, str], float]:
+        (family,) = collector.collect()
+        return {(s.labels["message_type"], s.labels["owner"]): s.value for s in family.samples}
+
+    assert series()[("gauged.Throttled", "gauged")] == 0.0
+    now = time.time()
+    for _ in range(30):  # 30 slots taken at 10 a second: the next free one is 3 s away
+        store.take("gauged:gauged.Throttled", now, 0.1, "", 0.0)
+    assert series()[("gauged.Throttled", "gauged")] == pytest.approx(3.0, abs=0.05)
+    assert ("gauged.Gauged", "gauged") not in series()  # no limit, no series
