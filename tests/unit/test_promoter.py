@@ -57,7 +57,8 @@ def test_parked_messages_reach_their_list_on_time_the_slot_holder_first(prefix: 
     assert sorted(arrived) == list(range(5))
     lateness = [arrived[k] - due for k, due in enumerate(dues)]
     assert min(lateness) >= -0.002
-    assert max(lateness) < 0.05  # ticking every 0.5 s, it would be up to 0.4 s late
+    # ticking every 0.5 s, the first would be 0.4 s late; a loaded machine adds tens of ms
+    assert max(lateness) < 0.2
     assert client.zcard(prefix + DELAYED_KEY) == 0
     head = client.rpop(prefix + "queue")  # kombu takes from this end
     assert head is not None
