@@ -12,6 +12,7 @@ from postroom import (
     ContractError,
     Event,
     HandlerContext,
+    MessageBus,
     Query,
     Rejected,
     Reply,
@@ -139,6 +140,8 @@ def test_the_reply_message_id_is_derived_from_the_answered_message(harness: Harn
 def test_reply_to_a_pool_with_no_on_reply_handler_is_refused_at_send(harness: Harness) -> None:
     with pytest.raises(ContractError, match=r"no @on_reply\(Look\) handler.*wonderer"):
         harness.send(Look(word="x"), reply_to="nobody")
+    with pytest.raises(ContractError, match=r"no @on_reply\(Look\) handler"):
+        MessageBus().send(Look(word="x"), reply_to="nobody")  # before any broker is asked
 
 
 def test_on_reply_needs_a_command_or_query_and_a_pool() -> None:
