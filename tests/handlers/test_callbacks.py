@@ -16,6 +16,7 @@ from postroom import (
     Query,
     Rejected,
     Reply,
+    SendFailed,
     handles,
     on_reply,
 )
@@ -149,3 +150,21 @@ def test_on_reply_needs_a_command_or_query_and_a_pool() -> None:
         on_reply(Wondered, pool="wonderer")  # type: ignore[arg-type]
     with pytest.raises(ContractError, match="needs pool="):
         on_reply(Look)
+
+
+def test_a_reply_the_broker_will_not_take_sends_the_message_back_for_another_try(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deliver = harness.send_reply
+    refusals = iter([SendFailed("the broker does not answer")])
+
+    def once_refused(reply: Reply, **where: Any) -> None:
+        for refusal in refusals:
+            raise refusal
+        deliver(reply, **where)
+
+    monkeypatch.setattr(harness, "send_reply", once_refused)
+    wondered = harness.send(Wonder(word="eel", judge=True)).reply()
+    assert [got["reply"].status for got in received] == ["rejected"]  # sent on the second try
+    judge_id = wondered.value
+    assert harness.replies[judge_id].attempts == 1  # the repeat answered from the inbox

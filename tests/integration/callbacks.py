@@ -7,7 +7,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from postroom import Command, HandlerContext, Query, Reply, handles, on_reply
+from postroom import (
+    Command,
+    HandlerContext,
+    Query,
+    Rejected,
+    Reply,
+    TransientError,
+    handles,
+    on_reply,
+)
 from tasks.state import client, key
 
 ASKER, ORACLE = "asker", "oracle"
@@ -20,6 +29,14 @@ class AskOracle(Command, service=ASKER):
 
 
 class Lookup(Query, service=ORACLE):
+    """Answers with the word in capitals; "unreachable" fails transiently on every run."""
+
+    word: str
+
+
+class Forbid(Command, service=ORACLE):
+    """Always rejected."""
+
     word: str
 
 
@@ -31,11 +48,27 @@ def ask_oracle(cmd: AskOracle, ctx: HandlerContext) -> str:
 @handles(Lookup)
 def lookup(query: Lookup, ctx: HandlerContext) -> dict[str, Any]:
     runs = client().incr(key(ORACLE, "runs", query.word))
+    if query.word == "unreachable":
+        raise TransientError("the oracle's source does not answer")
     return {"word": query.word, "upper": query.word.upper(), "run": runs}
+
+
+@handles(Forbid)
+def forbid(cmd: Forbid, ctx: HandlerContext) -> None:
+    raise Rejected(f"{cmd.word} is forbidden")
 
 
 @on_reply(Lookup, pool=ASKER)
 def looked_up(reply: Reply, ctx: HandlerContext) -> None:
+    record(reply, ctx)
+
+
+@on_reply(Forbid, pool=ASKER)
+def forbidden(reply: Reply, ctx: HandlerContext) -> None:
+    record(reply, ctx)
+
+
+def record(reply: Reply, ctx: HandlerContext) -> None:
     """Records the reply and its context's IDs, with the inbox mark: one effect per reply."""
     seen = {
         "reply": reply.model_dump(mode="json"),

@@ -4,6 +4,7 @@ answered by a message to the asking pool's @on_reply handler, which no worker wa
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from config.pools import Pool
 from postroom import MessageBus, uuid7
 from postroom.pipeline.callback import reply_message_id
-from tests.integration.callbacks import ASKER, ORACLE, AskOracle, Lookup
+from tests.integration.callbacks import ASKER, ORACLE, AskOracle, Forbid, Lookup
+from tests.integration.flower import Flower
 from tests.integration.services import COUNT_DELIVERIES
 from tests.support import TEST_SERVICES, BrokerContext, wait_for
 
@@ -20,7 +22,18 @@ SETTINGS = {"imports": f"{TEST_SERVICES},tests.integration.callbacks"}
 
 
 @pytest.fixture(scope="module")
-def bus(broker: BrokerContext) -> MessageBus:
+def flower(broker: BrokerContext) -> Iterator[Flower]:
+    """Started before anything is sent, so it sees every task event."""
+    running = Flower(broker)
+    try:
+        wait_for(running.answers, timeout=60, interval=0.3)
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def bus(broker: BrokerContext, flower: Flower) -> MessageBus:
     broker.env[COUNT_DELIVERIES] = "1"  # to see the reply's duplicate reach the asker's worker
     for service in (ASKER, ORACLE):
         broker.start_worker(Pool(service, (f"commands.{service}",), concurrency=1))
@@ -61,6 +74,40 @@ def test_a_send_from_outside_with_reply_to_is_answered_to_that_pool(
     assert seen["correlation_id"] == pending.correlation_id
     assert seen["causation_id"] == pending.message_id
     assert pending.reply(timeout=10).value == seen["reply"]["value"]  # the backend has it too
+
+
+def test_flower_shows_the_replys_delivery_as_a_task_of_the_conversation(
+    bus: MessageBus, flower: Flower
+) -> None:
+    pending = bus.send(Lookup(word="wasp"), reply_to=ASKER)
+    assert pending.reply(timeout=30).ok
+    task_id = reply_message_id(pending.message_id)
+    shown: dict[str, Any] = {}
+
+    def succeeded() -> bool:
+        try:
+            shown.update(flower.api(f"/api/task/info/{task_id}"))
+        except OSError:  # 404 (an HTTPError) until Flower has an event of it
+            return False
+        return shown.get("state") == "SUCCESS"
+
+    wait_for(succeeded, timeout=30, interval=0.3)
+    assert shown["name"] == "oracle.Lookup.reply"
+    assert shown["root_id"] == pending.correlation_id
+    assert shown["parent_id"] == pending.message_id
+
+
+def test_a_rejection_and_a_failure_for_good_are_replied_to_the_callback(
+    bus: MessageBus, broker: BrokerContext
+) -> None:
+    refused = bus.send(Forbid(word="ant"), reply_to=ASKER)
+    failing = bus.send(Lookup(word="unreachable"), reply_to=ASKER)
+    rejected = received(broker, refused.correlation_id)["reply"]
+    assert (rejected["status"], rejected["error"]["message"]) == ("rejected", "ant is forbidden")
+    failed = received(broker, failing.correlation_id)["reply"]
+    assert (failed["status"], failed["error"]["type"]) == ("failed", "TransientError")
+    assert failed["attempts"] == 4  # after its retries (POSTROOM_MAX_RETRIES=3), not before
+    assert broker.state().get(broker.key(ORACLE, "runs", "unreachable")) == "4"
 
 
 def test_a_duplicate_of_the_reply_message_is_absorbed_by_the_askers_inbox(
