@@ -206,11 +206,15 @@ class Decode(Step):
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
         handler = delivery.handler
         if handler is None:
+            lacks = (
+                "has no @on_reply handler of it"
+                if delivery.kind == "reply"
+                else "does not subscribe to it"
+            )
             raise GiveUp(
                 "unknown",
                 InvalidMessage(
-                    f"{delivery.name} reached a worker of pool {delivery.owner!r}, which does "
-                    "not subscribe to it"
+                    f"{delivery.name} reached a worker of pool {delivery.owner!r}, which {lacks}"
                 ),
             )
         try:
