@@ -4,6 +4,7 @@ answered by a message to the asking pool's @on_reply handler, which no worker wa
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from config.pools import Pool
 from postroom import MessageBus, uuid7
 from postroom.pipeline.callback import reply_message_id
-from tests.integration.callbacks import ASKER, ORACLE, AskOracle, Forbid, Lookup
+from tests.integration.callbacks import ASKER, ORACLE, AskOracle, Forbid, Lookup, Remember
 from tests.integration.flower import Flower
 from tests.integration.services import COUNT_DELIVERIES
 from tests.support import TEST_SERVICES, BrokerContext, wait_for
@@ -123,3 +124,16 @@ def test_a_duplicate_of_the_reply_message_is_absorbed_by_the_askers_inbox(
     assert broker.state().get(broker.key(ORACLE, "runs", "bee")) == "2"
     assert broker.state().hget(broker.key(ASKER, "effects"), message_id) == "1"
     assert received(broker, message_id) == first  # the second run's reply did not replace it
+
+
+def test_a_worker_killed_before_sending_the_reply_leaves_it_to_the_redelivery(
+    bus: MessageBus, broker: BrokerContext
+) -> None:
+    word = f"die_before_reply-{uuid.uuid4().hex}"
+    pending = bus.send(Remember(word=word), reply_to=ASKER)
+    seen = received(broker, pending.correlation_id)
+    assert broker.state().get(broker.key(ORACLE, "died", word)) == "1"  # the first run's worker
+    assert seen["reply"]["status"] == "succeeded"
+    assert broker.state().get(broker.key(ORACLE, "remembered", word)) == "1"  # committed once
+    assert broker.state().hget(broker.key(ASKER, "effects"), pending.correlation_id) == "1"
+    assert pending.reply(timeout=10).value == {"word": word}
