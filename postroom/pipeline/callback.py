@@ -15,7 +15,8 @@ returns. A worker that dies before the reply is sent leaves the message to be re
 command's repeat is answered by its inbox with the recorded reply, a query runs again, and the
 step sends the reply again under the same message ID, which the asker's inbox drops. A reply the
 broker will not take (after the publish retries) sends the message back for another try, so the
-reply is not lost with an acknowledgement.
+reply is not lost with an acknowledgement (a failure for good then runs once more and is kept
+again, as when DeadLetter cannot reach its store).
 """
 
 from __future__ import annotations
