@@ -97,7 +97,9 @@ class Runtime:
         return Relay(self.bus, self.removals)
 
 
-def kind_of(contract: type[Message]) -> Kind:
+def kind_of(contract: type[Message] | type[ReplyMessage]) -> Kind:
+    if issubclass(contract, ReplyMessage):
+        return "reply"
     if issubclass(contract, Command):
         return "command"
     return "query" if issubclass(contract, Query) else "event"
