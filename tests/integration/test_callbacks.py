@@ -14,7 +14,7 @@ from config.pools import Pool
 from postroom import MessageBus, uuid7
 from postroom.pipeline.callback import reply_message_id
 from tests.integration.callbacks import ASKER, ORACLE, AskOracle, Forbid, Lookup, Remember
-from tests.integration.flower import Flower
+from tests.integration.flower import Flower, running_flower
 from tests.integration.services import COUNT_DELIVERIES
 from tests.support import TEST_SERVICES, BrokerContext, wait_for
 
@@ -24,13 +24,7 @@ SETTINGS = {"imports": f"{TEST_SERVICES},tests.integration.callbacks"}
 
 @pytest.fixture(scope="module")
 def flower(broker: BrokerContext) -> Iterator[Flower]:
-    """Started before anything is sent, so it sees every task event."""
-    running = Flower(broker)
-    try:
-        wait_for(running.answers, timeout=60, interval=0.3)
-        yield running
-    finally:
-        running.stop()
+    yield from running_flower(broker)
 
 
 @pytest.fixture(scope="module")
