@@ -28,7 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +102,12 @@ class Sent:
 
 
 class Harness:
-    """A broker and a worker in this process, running postroom's own pipeline."""
+    """A broker and a worker in this process, running postroom's own pipeline.
+
+    Events reach every subscriber pool registered in the process, as in a deployment that runs
+    them all; ``pools`` names the only ones that get them, so a test of one service is not
+    touched by the subscribers of others its process happens to import (another test module's,
+    a CommandFailed subscriber that needs state the test did not give)."""
 
     def __init__(
         self,
@@ -119,8 +124,10 @@ class Harness:
         breaker_cooldown: float = 30.0,
         breaker_ratio: float = 0.0,
         breaker_window: float = 60.0,
+        pools: Collection[str] | None = None,
     ) -> None:
         self.clock = FakeClock()
+        self.pools = None if pools is None else frozenset(pools)
         self.inbox = MemoryInbox(state)
         self._dead_letters = MemoryDeadLetters()
         self.signer = Signer(list(signing_keys)) if signing_keys else None
@@ -251,6 +258,8 @@ class Harness:
         self.published.append(event)
         headers, body = self._headers(envelope, event), _wire(event)
         for pool in registry.pools_subscribed(contract.__message_type__):
+            if self.pools is not None and pool not in self.pools:
+                continue
             self._enqueue(
                 Delivery(
                     runtime=self.runtime,

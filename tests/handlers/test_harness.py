@@ -146,6 +146,13 @@ def test_a_command_gets_its_reply_and_each_pool_gets_the_event(postroom_harness:
     ]
 
 
+def test_a_harness_given_pools_delivers_events_to_those_pools_only() -> None:
+    harness = Harness(pools={"gardeners"})
+    assert harness.send(Plant(name="fern")).reply().status == "succeeded"
+    assert harness.events() == [Planted(name="fern")]  # published all the same
+    assert sorted(calls) == ["gardeners fern", "plant fern"]
+
+
 def test_a_rejected_command_announces_nothing_and_is_not_retried(
     postroom_harness: Harness,
 ) -> None:
@@ -228,7 +235,8 @@ def test_a_message_whose_dead_letter_cannot_be_kept_yet_goes_back_until_it_can()
 
 
 def test_a_partitioned_command_is_retried_in_place_before_the_ones_behind_it() -> None:
-    harness = Harness(retry=RetryPolicy(max_retries=2, backoff=0.1))
+    # pools=(): no subscriber of CommandFailed another module registered adds letters of its own
+    harness = Harness(retry=RetryPolicy(max_retries=2, backoff=0.1), pools=())
     first = harness.send(Water(bed="north", seq=0, failures=99))
     harness.send(Water(bed="north", seq=1))  # parked behind the first once it fails for good
     other = harness.send(Water(bed="south", seq=2))

@@ -1,5 +1,7 @@
 """Dead letters that keep order, in the harness: a dead-lettered key's later messages wait behind
-it, other keys flow, and a redrive runs the whole line in send order (postroom.parking)."""
+it, other keys flow, and a redrive runs the whole line in send order (postroom.parking). Each
+harness has ``pools=()``: the CommandFailed of a failed command reaches no subscriber another
+test module registered, so the letters are the test's own."""
 
 from __future__ import annotations
 
@@ -58,7 +60,9 @@ def send(harness: Harness, parcels: list[str], seqs: range) -> None:
 
 
 def test_the_messages_after_a_dead_letter_of_the_same_key_are_parked_and_other_keys_flow() -> None:
-    harness = Harness(partitions=1)  # every key in one queue: b and c pass a's parked ones
+    harness = Harness(
+        partitions=1, pools=()
+    )  # every key in one queue: b and c pass a's parked ones
     failing.add(("a", 2))
     send(harness, ["a", "b", "c"], range(6))
     assert sequence("a") == [0, 1]
@@ -76,7 +80,7 @@ def test_the_messages_after_a_dead_letter_of_the_same_key_are_parked_and_other_k
 
 
 def test_redriving_the_head_runs_it_and_its_parked_messages_in_send_order_with_their_ids() -> None:
-    harness = Harness()
+    harness = Harness(pools=())
     failing.update({("a", 2), ("b", 0)})
     send(harness, ["a", "b", "c"], range(5))
     ids = {
@@ -98,7 +102,7 @@ def test_redriving_the_head_runs_it_and_its_parked_messages_in_send_order_with_t
 
 
 def test_messages_sent_while_a_line_drains_join_its_tail_and_keep_their_order() -> None:
-    harness = Harness()
+    harness = Harness(pools=())
     failing.add(("a", 0))
     send(harness, ["a"], range(3))
     failing.clear()
@@ -111,7 +115,7 @@ def test_messages_sent_while_a_line_drains_join_its_tail_and_keep_their_order() 
 
 
 def test_a_redriven_message_that_fails_again_heads_its_line_again() -> None:
-    harness = Harness()
+    harness = Harness(pools=())
     failing.update({("a", 1), ("a", 3)})
     send(harness, ["a"], range(5))
     failing.discard(("a", 1))
@@ -132,7 +136,7 @@ def test_a_redriven_message_that_fails_again_heads_its_line_again() -> None:
 
 
 def test_a_parked_letter_alone_cannot_be_redriven_or_purged() -> None:
-    harness = Harness()
+    harness = Harness(pools=())
     failing.add(("a", 0))
     send(harness, ["a"], range(3))
     head, parked, _ = harness.dead_letters
@@ -144,7 +148,7 @@ def test_a_parked_letter_alone_cannot_be_redriven_or_purged() -> None:
 
 
 def test_purging_a_head_leaves_its_parked_messages_parked_behind_the_next_one() -> None:
-    harness = Harness()
+    harness = Harness(pools=())
     failing.add(("a", 0))
     send(harness, ["a"], range(3))
     head, first, _ = harness.dead_letters
@@ -159,7 +163,7 @@ def test_purging_a_head_leaves_its_parked_messages_parked_behind_the_next_one() 
 
 
 def test_a_duplicate_of_a_parked_message_is_kept_once() -> None:
-    harness = Harness()
+    harness = Harness(pools=())
     failing.add(("a", 0))
     harness.send(Deliver(parcel="a", seq=0))
     later = harness.send(Deliver(parcel="a", seq=1))
@@ -174,7 +178,7 @@ def test_a_duplicate_of_a_parked_message_is_kept_once() -> None:
 
 
 def test_a_partitioned_command_costs_one_lookup_of_its_key_and_other_messages_none() -> None:
-    harness = Harness()
+    harness = Harness(pools=())
     store, asked = harness.runtime.dead_letters, []
     look = store.waiting
 
