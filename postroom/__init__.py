@@ -2,7 +2,10 @@
 
 from postroom.breakers import CircuitBreaker
 from postroom.bus import MessageBus, PendingReply
+from postroom.callbacks import DeliverCallback
 from postroom.errors import (
+    CallbackFailed,
+    CallbackRefused,
     CircuitOpen,
     ContractError,
     DuplicateHandler,
@@ -41,12 +44,15 @@ from postroom.settings import Settings
 bus = MessageBus()
 
 __all__ = [
+    "CallbackFailed",
+    "CallbackRefused",
     "CircuitBreaker",
     "CircuitClosed",
     "CircuitOpen",
     "CircuitOpened",
     "Command",
     "ContractError",
+    "DeliverCallback",
     "Delivery",
     "DuplicateHandler",
     "Envelope",

@@ -29,6 +29,7 @@ from postroom._celery.wire import (
     publish_many,
     task_message,
 )
+from postroom.callbacks import CALLBACK_URL, allowed
 from postroom.errors import ReplyTimeout, Unsuccessful, WrongMessageKind
 from postroom.eventlog import event_log
 from postroom.headers import Envelope, uuid7
@@ -108,6 +109,7 @@ class MessageBus:
         message_id: str | None = None,
         delay: float | None = None,
         not_before: datetime | None = None,
+        callback_url: str | None = None,
     ) -> PendingReply:
         """Enqueue a command (or query) for the one service that owns it; returns at once.
 
@@ -120,12 +122,26 @@ class MessageBus:
         ``delay`` (seconds) or ``not_before`` (a timezone-aware datetime) schedules it: the broker
         keeps it until then, no worker holds it (InvalidSchedule for a negative delay, a naive
         datetime, or both given).
+
+        ``callback_url`` has a command's reply POSTed there, signed, once it is settled
+        (postroom.callbacks); CallbackRefused unless it is on POSTROOM_CALLBACK_ALLOW.
         """
         _check_sendable(command)
         due = delays.due_time(delay, not_before)
         app = self.app
+        extra: dict[str, str] = {}
+        if callback_url is not None:
+            if not isinstance(command, Command):
+                raise WrongMessageKind("a callback carries a command's reply: ask queries")
+            extra[CALLBACK_URL] = allowed(callback_url, installation(app).settings)
         pending, payload, headers, queue = self._prepare(
-            app, command, correlation_id, causation_id, signer(app), message_id=message_id
+            app,
+            command,
+            correlation_id,
+            causation_id,
+            signer(app),
+            message_id=message_id,
+            extra=extra,
         )
         options: dict[str, Any] = {"queue": queue}
         if due is not None:
@@ -190,6 +206,7 @@ class MessageBus:
         sign: Signer | None,
         *,
         message_id: str | None = None,
+        extra: dict[str, str] | None = None,
     ) -> tuple[PendingReply, dict[str, Any], dict[str, Any], Queue]:
         contract = type(command)
         envelope = Envelope.new(
@@ -203,7 +220,7 @@ class MessageBus:
         payload = command.payload()
         queue = route(app, command)
         pending = PendingReply(app, envelope, queue.name)
-        return pending, payload, _headers(envelope, payload, sign), queue
+        return pending, payload, _headers(envelope, payload, sign, extra=extra), queue
 
     def ask(self, query: Query, *, timeout: float | None = 30.0) -> Reply:
         """Send a query and wait for its reply."""
@@ -320,9 +337,14 @@ def _check_sendable(command: object) -> None:
 
 
 def _headers(
-    envelope: Envelope, payload: dict[str, Any], sign: Signer | None, operation: str = "send"
+    envelope: Envelope,
+    payload: dict[str, Any],
+    sign: Signer | None,
+    operation: str = "send",
+    *,
+    extra: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    headers = envelope.to_headers()
+    headers = {**envelope.to_headers(), **(extra or {})}  # extra headers are signed too
     if sign is not None:
         headers[SIGNATURE] = sign.sign(envelope.message_type, payload, headers)
     tracing.sent(envelope, headers, operation)  # after signing: traceparent is not signed

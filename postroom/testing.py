@@ -37,6 +37,7 @@ import pytest
 import redis
 
 from postroom.breakers import Breakers, MemoryBreakers
+from postroom.callbacks import CALLBACK_URL, DeliverCallback
 from postroom.errors import InvalidMessage, ReplyTimeout, WrongMessageKind
 from postroom.headers import Envelope
 from postroom.messages import Command, Event, Message, Query, Reply
@@ -151,6 +152,8 @@ class Harness:
         self.replies: dict[str, Reply] = {}
         #: every event published, in order (by a handler or by the test)
         self.published: list[Event] = []
+        #: every reply a callback would carry, in order (postroom.callbacks)
+        self.callbacks: list[DeliverCallback] = []
         self._queue: list[_Queued] = []
         self._history: list[Delivery] = []
         self._seq = itertools.count()
@@ -166,14 +169,23 @@ class Harness:
         correlation_id: str | None = None,
         causation_id: str | None = None,
         message_id: str | None = None,
+        callback_url: str | None = None,
     ) -> Sent:
-        """Queue a command or query for its owner, as ``bus.send`` does; nothing runs yet."""
+        """Queue a command or query for its owner, as ``bus.send`` does; nothing runs yet.
+
+        With ``callback_url``, the reply's ``DeliverCallback`` is kept in ``callbacks`` (nothing
+        is POSTed, and no allow-list applies: the harness has no settings).
+        """
         if not isinstance(command, Command | Query):
             raise WrongMessageKind(
                 f"send() takes a Command or Query, not {command!r}: publish events"
             )
         contract = type(command)
         envelope = self._envelope(contract, correlation_id, causation_id, message_id, self.source)
+        if isinstance(command, DeliverCallback):
+            self.callbacks.append(command)
+            return Sent(self, envelope)
+        extra = {} if callback_url is None else {CALLBACK_URL: callback_url}
         handler = registry.owner_of(contract.__message_type__)
         owner = handler.owner if handler else contract.__service__
         self._enqueue(
@@ -185,7 +197,7 @@ class Harness:
                 queue=self._queue_of(command, owner),
                 name=contract.__message_type__,
                 task_id=envelope.correlation_id,
-                headers=self._headers(envelope, command),
+                headers=self._headers(envelope, command, extra),
                 args=(),
                 body=_wire(command),
             )
@@ -355,8 +367,10 @@ class Harness:
             message_id=message_id,
         )
 
-    def _headers(self, envelope: Envelope, message: Message) -> dict[str, Any]:
-        headers = envelope.to_headers()
+    def _headers(
+        self, envelope: Envelope, message: Message, extra: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        headers = {**envelope.to_headers(), **(extra or {})}
         if self.signer is not None:
             headers[SIGNATURE] = self.signer.sign(envelope.message_type, _wire(message), headers)
         return headers

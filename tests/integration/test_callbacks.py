@@ -1,0 +1,222 @@
+"""HTTP callbacks end to end: `postroom api`, the assets and callbacks pools, and a real receiver.
+
+The receiver is an ``http.server`` in a thread of this process, on a free port the allow-list
+names; the API and the workers are real processes on Redis and on RabbitMQ. Each path of the
+receiver behaves its own way: ``ok`` answers 200, ``flaky`` 500 twice then 200, ``down`` always 500.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from config.pools import pool_named
+from postroom.reliability import reliability
+from tasks.assets import assets
+from tasks.state import database
+from tests.integration.test_api import ApiServer
+from tests.support import BrokerContext, run_python, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+PORT = _free_port()
+SECRET = "receiver-shared-secret"
+ALLOWED = f"http://127.0.0.1:{PORT}/hooks/"
+SETTINGS = {"callback_allow": ALLOWED, "callback_secret": SECRET, "callback_timeout": "2"}
+
+
+@dataclass(frozen=True)
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    answered: int
+
+    @property
+    def reply(self) -> dict[str, Any]:
+        reply: dict[str, Any] = json.loads(self.body)["reply"]
+        return reply
+
+
+class Receiver(ThreadingHTTPServer):
+    """Records every POST; answers by the path's second segment (ok, flaky, down)."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", PORT), _Handler)
+        self.lock = threading.Lock()
+        self.requests: list[Received] = []
+
+    def answer(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+        with self.lock:
+            earlier = sum(r.path == path for r in self.requests)
+            kind = path.split("/")[2]
+            code = {"ok": 200, "flaky": 500 if earlier < 2 else 200, "down": 500}[kind]
+            self.requests.append(Received(path, headers, body, code))
+            return code
+
+    def to(self, path: str) -> list[Received]:
+        with self.lock:
+            return [r for r in self.requests if r.path == path]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Receiver
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        code = self.server.answer(self.path, body, {k.lower(): v for k, v in self.headers.items()})
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the test reads what was received, not a log."""
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def api(broker: BrokerContext, receiver: Receiver) -> Iterator[httpx.Client]:
+    broker.start_worker(pool_named("assets"))
+    broker.start_worker(pool_named("callbacks"))
+    server = ApiServer(broker, "callbacks", reply_wait="20")
+    try:
+        server.wait_until_serving()
+        yield server.http
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output(), server.output()
+
+
+def _register(api: httpx.Client, callback: str) -> httpx.Response:
+    return api.post(
+        "/assets", json={"name": "Truck 12"}, headers={"Postroom-Callback-Url": callback}
+    )
+
+
+def _verified(received: Received) -> dict[str, Any]:
+    """The reply, once its signature checks out as a receiver checks it (see the README)."""
+    timestamp = received.headers["postroom-timestamp"]
+    expected = hmac.new(
+        SECRET.encode(), timestamp.encode() + b"." + received.body, hashlib.sha256
+    ).hexdigest()
+    assert hmac.compare_digest(expected, received.headers["postroom-signature"])
+    assert abs(time.time() - int(timestamp)) < 120
+    return received.reply
+
+
+def _path(kind: str) -> str:
+    return f"/hooks/{kind}/{uuid.uuid4().hex[:8]}"
+
+
+def test_the_reply_is_posted_to_the_callback_once_and_correctly_signed(
+    api: httpx.Client, receiver: Receiver
+) -> None:
+    path = _path("ok")
+    response = _register(api, f"http://127.0.0.1:{PORT}{path}")
+    assert response.status_code == 201, response.text
+    wait_for(lambda: receiver.to(path), timeout=30)
+    time.sleep(2)  # a second POST of the same reply would come within this
+    [received] = receiver.to(path)
+    reply = _verified(received)
+    assert reply["status"] == "succeeded"
+    assert reply["value"] == response.json()
+    correlation_id = response.headers["X-Correlation-ID"]
+    assert reply["correlation_id"] == correlation_id
+    assert received.headers["postroom-correlation-id"] == correlation_id
+    assert received.headers["content-type"] == "application/json"
+    uuid.UUID(received.headers["postroom-delivery-id"])
+
+
+def test_a_receiver_failing_twice_gets_the_reply_on_the_third_try_and_not_again(
+    api: httpx.Client, receiver: Receiver
+) -> None:
+    path = _path("flaky")
+    response = _register(api, f"http://127.0.0.1:{PORT}{path}")
+    assert response.status_code == 201, response.text
+    wait_for(lambda: any(r.answered == 200 for r in receiver.to(path)), timeout=30)
+    time.sleep(2)
+    tries = receiver.to(path)
+    assert [r.answered for r in tries] == [500, 500, 200]
+    assert len({r.headers["postroom-delivery-id"] for r in tries}) == 1  # one delivery, retried
+    assert {_verified(r)["correlation_id"] for r in tries} == {response.headers["X-Correlation-ID"]}
+
+
+def test_a_receiver_that_always_fails_leaves_a_dead_letter_saying_why(
+    api: httpx.Client, receiver: Receiver, broker: BrokerContext
+) -> None:
+    path = _path("down")
+    assert _register(api, f"http://127.0.0.1:{PORT}{path}").status_code == 201
+    retries = int(broker.settings.max_retries)
+    wait_for(lambda: len(receiver.to(path)) == retries + 1, timeout=30)
+    store = reliability(broker.app).dead_letters
+
+    def letter() -> Any:
+        found = [store.get(i) for i in store.ids()]
+        return next((x for x in found if x and path in x.kwargs.get("url", "")), None)
+
+    wait_for(lambda: letter() is not None, timeout=30)
+    kept = letter()
+    assert (kept.reason, kept.queue, kept.error_type) == (
+        "failed",
+        "commands.callbacks",
+        "CallbackFailed",
+    )
+    assert kept.error_message.startswith("answered 500: POST ")
+    assert kept.attempts == retries + 1
+    listed = run_python(broker.env, "-m", "workers.cli", "dlq", "list")
+    [line] = [line for line in listed.splitlines() if kept.id in line]
+    assert "callbacks.DeliverCallback" in line
+    assert "CallbackFailed: answered 500" in line
+    time.sleep(1)
+    assert len(receiver.to(path)) == retries + 1  # nothing more once it is a dead letter
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        "http://127.0.0.1:1/hooks/ok/x",  # another port
+        f"http://127.0.0.1:{PORT}/elsewhere",  # not under the prefix
+        f"http://user:pw@127.0.0.1:{PORT}/hooks/ok/x",  # credentials
+        f"ftp://127.0.0.1:{PORT}/hooks/ok/x",
+    ],
+)
+def test_a_callback_url_off_the_allow_list_is_refused_with_422_and_nothing_is_sent(
+    api: httpx.Client, receiver: Receiver, broker: BrokerContext, callback: str
+) -> None:
+    name = f"refused {uuid.uuid4().hex[:8]}"
+    response = api.post("/assets", json={"name": name}, headers={"Postroom-Callback-Url": callback})
+    assert response.status_code == 422
+    assert ALLOWED in response.json()["detail"]
+    assert "POSTROOM_CALLBACK_ALLOW" in response.json()["detail"]
+    time.sleep(1)  # a command sent all the same would be handled by the running assets pool
+    with database(broker.settings).engine.connect() as conn:
+        assert conn.execute(select(assets.c.asset_id).filter_by(name=name)).all() == []
