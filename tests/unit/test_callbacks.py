@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from postroom import CallbackRefused, Settings, callbacks
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 ALLOW = "https://hooks.example.com/in/, http://127.0.0.1:9000/"
 
 
@@ -71,3 +76,35 @@ def test_the_body_is_the_reply_under_reply() -> None:
 
 def test_the_secret_is_not_in_the_settings_repr() -> None:
     assert "s3cret" not in repr(settings())
+
+
+def _readme_receiver() -> Any:
+    """The README's receiver-side check, as written there."""
+    after = README.read_text().split("### Callbacks", 1)[1]
+    block = re.search(r"```python\n(.*?)```", after, re.S)
+    assert block is not None
+    namespace: dict[str, Any] = {}
+    exec(block.group(1), namespace)  # the README's own example
+    return namespace["verified_reply"]
+
+
+def test_the_readme_receiver_accepts_a_signed_callback_and_refuses_a_changed_or_old_one() -> None:
+    verified_reply = _readme_receiver()
+    body = callbacks.body_of({"status": "succeeded", "value": {"asset_id": "a1"}})
+    now = str(int(time.time()))
+    headers = {
+        "Postroom-Timestamp": now,
+        "Postroom-Signature": callbacks.signature("s3cret", now, body),
+    }
+    assert verified_reply(b"s3cret", headers, body)["value"] == {"asset_id": "a1"}
+    with pytest.raises(ValueError, match="bad signature"):
+        verified_reply(b"s3cret", headers, body.replace(b"a1", b"a2"))
+    with pytest.raises(ValueError, match="bad signature"):
+        verified_reply(b"other", headers, body)
+    old = str(int(time.time()) - 3600)
+    stale = {
+        "Postroom-Timestamp": old,
+        "Postroom-Signature": callbacks.signature("s3cret", old, body),
+    }
+    with pytest.raises(ValueError, match="stale"):
+        verified_reply(b"s3cret", stale, body)
