@@ -2,7 +2,8 @@
 
 The receiver is an ``http.server`` in a thread of this process, on a free port the allow-list
 names; the API and the workers are real processes on Redis and on RabbitMQ. Each path of the
-receiver behaves its own way: ``ok`` answers 200, ``flaky`` 500 twice then 200, ``down`` always 500.
+receiver behaves its own way: ``ok`` answers 200, ``flaky`` 500 twice then 200, ``down`` always
+500, ``moved`` redirects to ``ok``, ``slow`` answers its first request after the callback timeout.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from sqlalchemy import select
 
 from config.pools import pool_named
+from postroom import CallbackRefused, DeliverCallback, MessageBus
 from postroom.reliability import reliability
-from tasks.assets import assets
+from tasks.assets import RegisterAsset, assets
 from tasks.state import database
 from tests.integration.test_api import ApiServer
 from tests.support import BrokerContext, run_python, wait_for
@@ -42,7 +45,10 @@ def _free_port() -> int:
 PORT = _free_port()
 SECRET = "receiver-shared-secret"
 ALLOWED = f"http://127.0.0.1:{PORT}/hooks/"
-SETTINGS = {"callback_allow": ALLOWED, "callback_secret": SECRET, "callback_timeout": "2"}
+TIMEOUT, SLOW = 2.0, 3.0  # seconds: the callback timeout, and how late ``slow`` answers first
+SETTINGS = {"callback_allow": ALLOWED, "callback_secret": SECRET, "callback_timeout": str(TIMEOUT)}
+#: what a request the receiver answered too late was answered with, as the sender saw it
+TIMED_OUT = 0
 
 
 @dataclass(frozen=True)
@@ -66,13 +72,19 @@ class Receiver(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.requests: list[Received] = []
 
-    def answer(self, path: str, body: bytes, headers: dict[str, str]) -> int:
+    def answer(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, float]:
+        """The status to answer and how long to wait first."""
         with self.lock:
             earlier = sum(r.path == path for r in self.requests)
             kind = path.split("/")[2]
-            code = {"ok": 200, "flaky": 500 if earlier < 2 else 200, "down": 500}[kind]
-            self.requests.append(Received(path, headers, body, code))
-            return code
+            code = {"ok": 200, "flaky": 500 if earlier < 2 else 200, "down": 500, "moved": 302}
+            late = kind == "slow" and not earlier
+            answered = TIMED_OUT if late else code.get(kind, 200)
+            self.requests.append(Received(path, headers, body, answered))
+            return (200 if late else answered), (SLOW if late else 0.0)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A late answer to a sender that timed out cannot be sent: expected, not logged."""
 
     def to(self, path: str) -> list[Received]:
         with self.lock:
@@ -84,8 +96,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        code = self.server.answer(self.path, body, {k.lower(): v for k, v in self.headers.items()})
+        code, wait = self.server.answer(
+            self.path, body, {k.lower(): v for k, v in self.headers.items()}
+        )
+        time.sleep(wait)
         self.send_response(code)
+        if code == 302:
+            self.send_header("Location", self.path.replace("/moved/", "/ok/"))
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -220,3 +237,80 @@ def test_a_callback_url_off_the_allow_list_is_refused_with_422_and_nothing_is_se
     time.sleep(1)  # a command sent all the same would be handled by the running assets pool
     with database(broker.settings).engine.connect() as conn:
         assert conn.execute(select(assets.c.asset_id).filter_by(name=name)).all() == []
+
+
+def test_a_reply_later_than_the_post_waits_still_reaches_the_callback(
+    broker: BrokerContext, api: httpx.Client, receiver: Receiver
+) -> None:
+    impatient = ApiServer(broker, "callbacks-impatient", reply_wait="0")
+    try:
+        impatient.wait_until_serving()
+        path = _path("ok")
+        response = _register(impatient.http, f"http://127.0.0.1:{PORT}{path}")
+    finally:
+        impatient.stop()
+    assert response.status_code == 202, response.text
+    wait_for(lambda: receiver.to(path), timeout=30)
+    [received] = receiver.to(path)
+    reply = _verified(received)
+    assert (reply["status"], reply["correlation_id"]) == (
+        "succeeded",
+        response.json()["correlation_id"],
+    )
+
+
+def test_a_repeat_with_the_same_idempotency_key_causes_no_second_callback(
+    api: httpx.Client, receiver: Receiver
+) -> None:
+    path = _path("ok")
+    key = {
+        "Idempotency-Key": uuid.uuid4().hex,
+        "Postroom-Callback-Url": f"http://127.0.0.1:{PORT}{path}",
+    }
+    first = api.post("/assets", json={"name": "Crane 3"}, headers=key)
+    wait_for(lambda: receiver.to(path), timeout=30)
+    again = api.post("/assets", json={"name": "Crane 3"}, headers=key)
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert first.json() == again.json()
+    time.sleep(2)
+    assert len(receiver.to(path)) == 1
+
+
+def test_a_receiver_slower_than_the_timeout_gets_it_on_the_next_try(
+    api: httpx.Client, receiver: Receiver
+) -> None:
+    path = _path("slow")
+    started = time.monotonic()
+    assert _register(api, f"http://127.0.0.1:{PORT}{path}").status_code == 201
+    wait_for(lambda: len(receiver.to(path)) == 2, timeout=30)
+    assert [r.answered for r in receiver.to(path)] == [TIMED_OUT, 200]
+    assert time.monotonic() - started >= TIMEOUT  # the second came once the first timed out
+    time.sleep(SLOW)
+    assert len(receiver.to(path)) == 2
+
+
+def test_a_redirect_is_not_followed(
+    api: httpx.Client, receiver: Receiver, broker: BrokerContext
+) -> None:
+    path = _path("moved")
+    assert _register(api, f"http://127.0.0.1:{PORT}{path}").status_code == 201
+    attempts = int(broker.settings.max_retries) + 1
+    wait_for(lambda: len(receiver.to(path)) == attempts, timeout=30)
+    time.sleep(1)
+    assert receiver.to(path.replace("/moved/", "/ok/")) == []
+    assert len(receiver.to(path)) == attempts
+
+
+def test_a_deliver_callback_sent_by_hand_to_a_url_off_the_allow_list_is_never_posted(
+    api: httpx.Client, receiver: Receiver, broker: BrokerContext
+) -> None:
+    """The callbacks pool checks the allow-list again: anyone on the broker may send it this."""
+    bus = MessageBus(broker.app, source="tests")
+    off_list = f"http://127.0.0.1:{PORT}/elsewhere/{uuid.uuid4().hex[:8]}"
+    reply = bus.send(DeliverCallback(url=off_list, reply={"status": "succeeded"})).reply(timeout=30)
+    assert reply.status == "failed"
+    assert reply.error is not None
+    assert reply.error.type == "CallbackRefused"
+    assert receiver.to(urlsplit(off_list).path) == []
+    with pytest.raises(CallbackRefused, match="POSTROOM_CALLBACK_ALLOW"):
+        bus.send(RegisterAsset(name="Truck 12"), callback_url=off_list)
