@@ -17,8 +17,9 @@ A reply that commits (succeeded, rejected) records its ``DeliverCallback`` in th
 handler's writes, so a worker killed between commit and dispatch still has it sent by the outbox
 sweep; a reply of a command that failed for good is sent with its ``CommandFailed``. Its message
 ID derives from the command's, so every repeat of that path is the same message, which the
-callbacks pool's inbox runs once: one POST per reply (a receiver killed mid-request may see it
-again, with the same ``Postroom-Delivery-Id``, to drop).
+callbacks pool's inbox runs once: one POST per reply that a receiver answers 2xx. (A callbacks
+worker killed between a POST and its commit POSTs again, with the same ``Postroom-Delivery-Id``,
+for the receiver to drop.)
 
 Only URLs on ``POSTROOM_CALLBACK_ALLOW`` are accepted, when sent and again before the POST (a
 plain Celery client could send ``DeliverCallback`` itself): no request can make postroom call an
@@ -113,7 +114,7 @@ def _under(target: tuple[str, str, int, str], prefix: tuple[str, str, int, str] 
     if prefix is None or target[:3] != prefix[:3]:
         return False
     base = prefix[3].rstrip("/")
-    return target[3] == base or target[3].startswith(base + "/") or base == ""
+    return target[3] == base or target[3].startswith(base + "/")
 
 
 def body_of(reply: Mapping[str, Any]) -> bytes:
@@ -133,14 +134,14 @@ def callback_url(headers: Mapping[str, Any]) -> str | None:
     return url if isinstance(url, str) and url else None
 
 
-def delivery(command_id: str, url: str, reply: dict[str, Any]) -> tuple[str, DeliverCallback]:
+def callback_for(command_id: str, url: str, reply: dict[str, Any]) -> tuple[str, DeliverCallback]:
     """The message ID and the DeliverCallback of the reply of the command ``command_id``."""
     return derived_id(command_id, RANK), DeliverCallback(url=url, reply=reply)
 
 
 def entry(command_id: str, owner: str, url: str, reply: dict[str, Any]) -> Entry:
     """The reply's DeliverCallback as an outbox entry, to commit with the command's handling."""
-    message_id, message = delivery(command_id, url, reply)
+    message_id, message = callback_for(command_id, url, reply)
     return Entry(
         message_id=message_id,
         kind="command",

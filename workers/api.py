@@ -10,6 +10,9 @@ where to fetch the reply later, instead of holding the connection open or losing
          ├─ reply in time:   201 Created,  Location: /assets/{asset_id}  │
          └─ no reply yet:    202 Accepted, Location: /commands/{cid} <───┘ result backend[cid]
 
+A ``Postroom-Callback-Url`` header on ``POST /assets`` (a URL on POSTROOM_CALLBACK_ALLOW, else
+422) has the reply POSTed there, signed, once it is in (postroom.callbacks), whatever the answer.
+
 Reads are queries through the bus as well (``GetAsset``, ``SearchAssets``): this process holds no
 state and imports contracts only, never a handler. Endpoints are plain ``def`` functions, so the
 blocking waits on the bus run in Starlette's thread pool, not on the event loop.

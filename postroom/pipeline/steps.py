@@ -192,7 +192,7 @@ class DeadLetter(Step):
         url = callbacks.callback_url(delivery.headers)
         if delivery.kind == "command" and answer is not None and url and envelope is not None:
             # no commit carries this reply: sent now, under the ID the Callback step would use
-            message_id, callback = callbacks.delivery(envelope.message_id, url, answer)
+            message_id, callback = callbacks.callback_for(envelope.message_id, url, answer)
             runtime.bus.send(callback, causation_id=envelope.message_id, message_id=message_id)
         return Outcome(status, reply=answer, error=error)
 
