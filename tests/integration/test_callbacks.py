@@ -25,11 +25,12 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from config.pools import pool_named
+from config.pools import Pool, pool_named
 from postroom import CallbackRefused, DeliverCallback, MessageBus
 from postroom.reliability import reliability
 from tasks.assets import RegisterAsset, assets
 from tasks.state import database
+from tests.integration.services import Announce
 from tests.integration.test_api import ApiServer
 from tests.support import BrokerContext, run_python, wait_for
 
@@ -46,7 +47,14 @@ PORT = _free_port()
 SECRET = "receiver-shared-secret"
 ALLOWED = f"http://127.0.0.1:{PORT}/hooks/"
 TIMEOUT, SLOW = 2.0, 3.0  # seconds: the callback timeout, and how late ``slow`` answers first
-SETTINGS = {"callback_allow": ALLOWED, "callback_secret": SECRET, "callback_timeout": str(TIMEOUT)}
+SETTINGS = {
+    "callback_allow": ALLOWED,
+    "callback_secret": SECRET,
+    "callback_timeout": str(TIMEOUT),
+    # the sweep sends what a killed worker committed after a second (see test_outbox.py)
+    "outbox_grace": "1",
+    "outbox_sweep": "0.5",
+}
 #: what a request the receiver answered too late was answered with, as the sender saw it
 TIMED_OUT = 0
 
@@ -314,3 +322,31 @@ def test_a_deliver_callback_sent_by_hand_to_a_url_off_the_allow_list_is_never_po
     assert receiver.to(urlsplit(off_list).path) == []
     with pytest.raises(CallbackRefused, match="POSTROOM_CALLBACK_ALLOW"):
         bus.send(RegisterAsset(name="Truck 12"), callback_url=off_list)
+
+
+@pytest.fixture(scope="module")
+def probe(broker: BrokerContext, api: httpx.Client) -> MessageBus:
+    """The probe service of the test services, whose Announce can be rejected, fail, or have its
+    worker killed between commit and the outbox's dispatch."""
+    broker.start_worker(Pool("probe", ("commands.probe",), concurrency=1))
+    return MessageBus(broker.app, source="tests")
+
+
+@pytest.mark.parametrize(
+    ("then", "status"),
+    [("reject", "rejected"), ("fail", "failed"), ("die_before_dispatch", "succeeded")],
+)
+def test_every_outcome_reaches_the_callback_once_even_if_its_worker_dies_before_dispatch(
+    probe: MessageBus, receiver: Receiver, then: str, status: str
+) -> None:
+    path = _path("ok")
+    pending = probe.send(
+        Announce(key=f"{then}-{uuid.uuid4().hex}", then=then),  # type: ignore[arg-type]
+        callback_url=f"http://127.0.0.1:{PORT}{path}",
+    )
+    assert pending.reply(timeout=60).status == status
+    wait_for(lambda: receiver.to(path), timeout=30)
+    time.sleep(2)
+    [received] = receiver.to(path)
+    reply = _verified(received)
+    assert (reply["status"], reply["correlation_id"]) == (status, pending.correlation_id)
