@@ -15,7 +15,7 @@ SERVICE_MODULES = [
     "tasks.analytics",
     "tasks.notifications",
     "tasks.geofence",
-    "postroom.callback_handler",
+    "postroom.webhook_handler",
 ]
 
 

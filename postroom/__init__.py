@@ -2,7 +2,6 @@
 
 from postroom.breakers import CircuitBreaker
 from postroom.bus import MessageBus, PendingReply
-from postroom.callbacks import DeliverCallback
 from postroom.errors import (
     CallbackFailed,
     CallbackRefused,
@@ -39,6 +38,7 @@ from postroom.pipeline import Delivery, HandlerContext, Outcome, Step
 from postroom.ratelimits import RateLimit
 from postroom.retries import RetryPolicy
 from postroom.settings import Settings
+from postroom.webhooks import DeliverWebhook
 
 #: the bus of Celery's current app, which must have postroom installed (import your config first)
 bus = MessageBus()
@@ -52,7 +52,7 @@ __all__ = [
     "CircuitOpened",
     "Command",
     "ContractError",
-    "DeliverCallback",
+    "DeliverWebhook",
     "Delivery",
     "DuplicateHandler",
     "Envelope",

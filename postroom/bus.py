@@ -29,7 +29,6 @@ from postroom._celery.wire import (
     publish_many,
     task_message,
 )
-from postroom.callbacks import CALLBACK_URL, allowed
 from postroom.errors import ReplyTimeout, Unsuccessful, WrongMessageKind
 from postroom.eventlog import event_log
 from postroom.headers import Envelope, uuid7
@@ -38,6 +37,7 @@ from postroom.messages import Command, ErrorInfo, Event, Query, Reply
 from postroom.partitions import partition_count, partition_of
 from postroom.signing import SIGNATURE, Signer, signer
 from postroom.topology import EVENTS_EXCHANGE, command_queue, partition_queue, queue_named
+from postroom.webhooks import CALLBACK_URL, allowed
 
 _SENDABLE = (Command, Query)
 
@@ -124,7 +124,7 @@ class MessageBus:
         datetime, or both given).
 
         ``callback_url`` has a command's reply POSTed there, signed, once it is settled
-        (postroom.callbacks); CallbackRefused unless it is on POSTROOM_CALLBACK_ALLOW.
+        (postroom.webhooks); CallbackRefused unless it is on POSTROOM_CALLBACK_ALLOW.
         """
         _check_sendable(command)
         due = delays.due_time(delay, not_before)

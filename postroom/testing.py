@@ -37,7 +37,6 @@ import pytest
 import redis
 
 from postroom.breakers import Breakers, MemoryBreakers
-from postroom.callbacks import CALLBACK_URL, DeliverCallback
 from postroom.errors import InvalidMessage, ReplyTimeout, WrongMessageKind
 from postroom.headers import Envelope
 from postroom.messages import Command, Event, Message, Query, Reply
@@ -57,6 +56,7 @@ from postroom.topology import (
     event_queue_name,
     partition_queue_name,
 )
+from postroom.webhooks import CALLBACK_URL, DeliverWebhook
 
 __all__ = ["FakeClock", "Harness", "postroom_harness"]
 
@@ -152,8 +152,8 @@ class Harness:
         self.replies: dict[str, Reply] = {}
         #: every event published, in order (by a handler or by the test)
         self.published: list[Event] = []
-        #: every reply a callback would carry, in order (postroom.callbacks)
-        self.callbacks: list[DeliverCallback] = []
+        #: every reply a callback would carry, in order (postroom.webhooks)
+        self.webhooks: list[DeliverWebhook] = []
         self._queue: list[_Queued] = []
         self._history: list[Delivery] = []
         self._seq = itertools.count()
@@ -173,7 +173,7 @@ class Harness:
     ) -> Sent:
         """Queue a command or query for its owner, as ``bus.send`` does; nothing runs yet.
 
-        With ``callback_url``, the reply's ``DeliverCallback`` is kept in ``callbacks`` (nothing
+        With ``callback_url``, the reply's ``DeliverWebhook`` is kept in ``webhooks`` (nothing
         is POSTed, and no allow-list applies: the harness has no settings).
         """
         if not isinstance(command, Command | Query):
@@ -182,8 +182,8 @@ class Harness:
             )
         contract = type(command)
         envelope = self._envelope(contract, correlation_id, causation_id, message_id, self.source)
-        if isinstance(command, DeliverCallback):
-            self.callbacks.append(command)
+        if isinstance(command, DeliverWebhook):
+            self.webhooks.append(command)
             return Sent(self, envelope)
         extra = {} if callback_url is None else {CALLBACK_URL: callback_url}
         handler = registry.owner_of(contract.__message_type__)

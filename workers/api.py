@@ -11,7 +11,7 @@ where to fetch the reply later, instead of holding the connection open or losing
          └─ no reply yet:    202 Accepted, Location: /commands/{cid} <───┘ result backend[cid]
 
 A ``Postroom-Callback-Url`` header on ``POST /assets`` (a URL on POSTROOM_CALLBACK_ALLOW, else
-422) has the reply POSTed there, signed, once it is in (postroom.callbacks), whatever the answer.
+422) has the reply POSTed there, signed, once it is in (postroom.webhooks), whatever the answer.
 
 Reads are queries through the bus as well (``GetAsset``, ``SearchAssets``): this process holds no
 state and imports contracts only, never a handler. Endpoints are plain ``def`` functions, so the
@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 
-from postroom import CallbackRefused, MessageBus, ReplyTimeout, SendFailed, callbacks, tracing
+from postroom import CallbackRefused, MessageBus, ReplyTimeout, SendFailed, tracing, webhooks
 from postroom.messages import Command, Query, Reply
 from postroom.settings import Settings
 from tasks.assets import GetAsset, RegisterAsset
@@ -244,7 +244,7 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
         command = RegisterAsset(**body.model_dump())
         if postroom_callback_url is not None:
             try:
-                callbacks.allowed(postroom_callback_url, config)
+                webhooks.allowed(postroom_callback_url, config)
             except CallbackRefused as refused:
                 return JSONResponse({"detail": str(refused)}, status_code=422)
         message_id = None

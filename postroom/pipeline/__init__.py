@@ -3,7 +3,7 @@
 A Celery worker (postroom._celery) and the in-memory harness (postroom.testing) run the same
 steps, so what a handler test proves about dedupe, retries and commits holds on a real broker.
 Add your own step with ``postroom.install(app, settings, steps=[...])``: your steps run around
-the handler call, inside Breaker, Throttle, Retry, Commit and Callback, outermost first (see the README, "The
+the handler call, inside Breaker, Throttle, Retry, Commit and Webhook, outermost first (see the README, "The
 handling pipeline").
 """
 
@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from functools import partial
 
 from postroom.pipeline.breaker import Breaker
-from postroom.pipeline.callback import Callback
 from postroom.pipeline.context import HandlerContext
 from postroom.pipeline.delivery import Delivery, Kind, Outcome, Runtime, kind_of
 from postroom.pipeline.parking import Park
@@ -36,10 +35,10 @@ from postroom.pipeline.steps import (
     Validate,
     VerifySignature,
 )
+from postroom.pipeline.webhook import Webhook
 
 __all__ = [
     "Breaker",
-    "Callback",
     "DeadLetter",
     "Delivery",
     "GiveUp",
@@ -53,6 +52,7 @@ __all__ = [
     "Runtime",
     "Step",
     "Throttle",
+    "Webhook",
     "default_steps",
     "kind_of",
 ]
@@ -75,7 +75,7 @@ def default_steps(extra: Sequence[Step] = ()) -> list[Step]:
         Throttle(),
         Retry(),
         Commit(),
-        Callback(),
+        Webhook(),
         *extra,
         Run(),
     ]

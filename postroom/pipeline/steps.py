@@ -2,10 +2,10 @@
 
 ```
  Trace ─ Log ─ DeadLetter ─ Decode ─ VerifySignature ─ Upcast ─ Validate ─ Park ─ Dedupe
-   ─ PoisonGuard ─ Breaker ─ Throttle ─ Retry ─ Commit ─ Callback ─ [your steps] ─ Run
+   ─ PoisonGuard ─ Breaker ─ Throttle ─ Retry ─ Commit ─ Webhook ─ [your steps] ─ Run
 ```
 
-(Breaker is postroom.pipeline.breaker, Callback postroom.pipeline.callback, Throttle postroom.pipeline.ratelimit, Park postroom.pipeline.parking.) A step is called with the delivery and the rest of the pipeline (``call_next``); it may act
+(Breaker is postroom.pipeline.breaker, Webhook postroom.pipeline.webhook, Throttle postroom.pipeline.ratelimit, Park postroom.pipeline.parking.) A step is called with the delivery and the rest of the pipeline (``call_next``); it may act
 before, after, or instead of calling it. An inner step that cannot go on raises ``GiveUp`` with
 a reason, and DeadLetter keeps the message with that reason.
 """
@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from postroom import callbacks, tracing
+from postroom import tracing, webhooks
 from postroom.errors import InvalidMessage, Rejected
 from postroom.headers import PREFIX, REPLAY, Envelope, uuid7
 from postroom.messages import CommandFailed, ErrorInfo, Reply, upcast
@@ -189,10 +189,10 @@ class DeadLetter(Step):
             )
         status: Status = "rejected" if refused else "failed"
         answer = None if delivery.kind == "event" else reply(delivery, status, error=error)
-        url = callbacks.callback_url(delivery.headers)
+        url = webhooks.callback_url(delivery.headers)
         if delivery.kind == "command" and answer is not None and url and envelope is not None:
-            # no commit carries this reply: sent now, under the ID the Callback step would use
-            message_id, callback = callbacks.callback_for(envelope.message_id, url, answer)
+            # no commit carries this reply: sent now, under the ID the Webhook step would use
+            message_id, callback = webhooks.callback_for(envelope.message_id, url, answer)
             runtime.bus.send(callback, causation_id=envelope.message_id, message_id=message_id)
         return Outcome(status, reply=answer, error=error)
 

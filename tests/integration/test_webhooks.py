@@ -1,4 +1,4 @@
-"""HTTP callbacks end to end: `postroom api`, the assets and callbacks pools, and a real receiver.
+"""HTTP callbacks end to end: `postroom api`, the assets and webhooks pools, and a real receiver.
 
 The receiver is an ``http.server`` in a thread of this process, on a free port the allow-list
 names; the API and the workers are real processes on Redis and on RabbitMQ. Each path of the
@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import select
 
 from config.pools import Pool, pool_named
-from postroom import CallbackRefused, DeliverCallback, MessageBus
+from postroom import CallbackRefused, DeliverWebhook, MessageBus
 from postroom.reliability import reliability
 from tasks.assets import RegisterAsset, assets
 from tasks.state import database
@@ -131,8 +131,8 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="module")
 def api(broker: BrokerContext, receiver: Receiver) -> Iterator[httpx.Client]:
     broker.start_worker(pool_named("assets"))
-    broker.start_worker(pool_named("callbacks"))
-    server = ApiServer(broker, "callbacks", reply_wait="20")
+    broker.start_worker(pool_named("webhooks"))
+    server = ApiServer(broker, "webhooks", reply_wait="20")
     try:
         server.wait_until_serving()
         yield server.http
@@ -212,14 +212,14 @@ def test_a_receiver_that_always_fails_leaves_a_dead_letter_saying_why(
     kept = letter()
     assert (kept.reason, kept.queue, kept.error_type) == (
         "failed",
-        "commands.callbacks",
+        "commands.webhooks",
         "CallbackFailed",
     )
     assert kept.error_message.startswith("answered 500: POST ")
     assert kept.attempts == retries + 1
     listed = run_python(broker.env, "-m", "workers.cli", "dlq", "list")
     [line] = [line for line in listed.splitlines() if kept.id in line]
-    assert "callbacks.DeliverCallback" in line
+    assert "webhooks.DeliverWebhook" in line
     assert "CallbackFailed: answered 500" in line
     time.sleep(1)
     assert len(receiver.to(path)) == retries + 1  # nothing more once it is a dead letter
@@ -250,7 +250,7 @@ def test_a_callback_url_off_the_allow_list_is_refused_with_422_and_nothing_is_se
 def test_a_reply_later_than_the_post_waits_still_reaches_the_callback(
     broker: BrokerContext, api: httpx.Client, receiver: Receiver
 ) -> None:
-    impatient = ApiServer(broker, "callbacks-impatient", reply_wait="0")
+    impatient = ApiServer(broker, "webhooks-impatient", reply_wait="0")
     try:
         impatient.wait_until_serving()
         path = _path("ok")
@@ -312,10 +312,10 @@ def test_a_redirect_is_not_followed(
 def test_a_deliver_callback_sent_by_hand_to_a_url_off_the_allow_list_is_never_posted(
     api: httpx.Client, receiver: Receiver, broker: BrokerContext
 ) -> None:
-    """The callbacks pool checks the allow-list again: anyone on the broker may send it this."""
+    """The webhooks pool checks the allow-list again: anyone on the broker may send it this."""
     bus = MessageBus(broker.app, source="tests")
     off_list = f"http://127.0.0.1:{PORT}/elsewhere/{uuid.uuid4().hex[:8]}"
-    reply = bus.send(DeliverCallback(url=off_list, reply={"status": "succeeded"})).reply(timeout=30)
+    reply = bus.send(DeliverWebhook(url=off_list, reply={"status": "succeeded"})).reply(timeout=30)
     assert reply.status == "failed"
     assert reply.error is not None
     assert reply.error.type == "CallbackRefused"

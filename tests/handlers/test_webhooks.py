@@ -30,8 +30,8 @@ def test_each_reply_is_kept_for_its_callback_once_whatever_its_outcome() -> None
     sent = {outcome: h.send(Ring(outcome=outcome), callback_url=URL) for outcome in ("ok", "no")}
     sent["broken"] = h.send(Ring(outcome="broken"), callback_url=URL + "?broken")
     h.run()
-    by_correlation = {c.reply["correlation_id"]: c for c in h.callbacks}
-    assert len(h.callbacks) == 3
+    by_correlation = {c.reply["correlation_id"]: c for c in h.webhooks}
+    assert len(h.webhooks) == 3
     for outcome, status in (("ok", "succeeded"), ("no", "rejected"), ("broken", "failed")):
         callback = by_correlation[sent[outcome].correlation_id]
         assert callback.reply == sent[outcome].reply().model_dump(mode="json")
@@ -45,10 +45,10 @@ def test_a_repeat_of_a_handled_command_sends_no_second_callback() -> None:
     h.run()
     h.deliver_again(sent)
     h.run()
-    assert [c.reply["value"] for c in h.callbacks] == ["rang"]
+    assert [c.reply["value"] for c in h.webhooks] == ["rang"]
 
 
 def test_a_command_sent_without_a_callback_url_has_no_callback() -> None:
     h = harness()
     assert h.send(Ring(outcome="ok")).reply().status == "succeeded"
-    assert h.callbacks == []
+    assert h.webhooks == []

@@ -1,7 +1,7 @@
-"""The callbacks service: POSTs each ``DeliverCallback`` to its URL, signed (postroom.callbacks).
+"""The webhooks service: POSTs each ``DeliverWebhook`` to its URL, signed (postroom.webhooks).
 
-Import this module in the workers of the pool serving ``commands.callbacks`` (this deployment's
-config/celery.py does; in your own, ``install(app, imports=["postroom.callback_handler"])``) and
+Import this module in the workers of the pool serving ``commands.webhooks`` (this deployment's
+config/celery.py does; in your own, ``install(app, imports=["postroom.webhook_handler"])``) and
 give that pool workers of its own, so a slow receiver holds up callbacks only.
 
 A receiver answering 2xx has the reply. Any other status, a connection that fails, or no answer
@@ -19,29 +19,29 @@ import time
 import httpx
 from celery import current_app
 
-from postroom import callbacks
-from postroom.callbacks import DeliverCallback
+from postroom import webhooks
 from postroom.errors import CallbackFailed
 from postroom.handlers import handles
 from postroom.install import installation
 from postroom.pipeline import HandlerContext
+from postroom.webhooks import DeliverWebhook
 
 
 # no circuit breaker: one handler serves every receiver, so one receiver down would hold the
-# callbacks of all the others
-@handles(DeliverCallback, breaker=False)
-def deliver_callback(cmd: DeliverCallback, ctx: HandlerContext) -> dict[str, int]:
+# webhooks of all the others
+@handles(DeliverWebhook, breaker=False)
+def deliver_callback(cmd: DeliverWebhook, ctx: HandlerContext) -> dict[str, int]:
     """POST the reply; the receiver's status code is this command's reply."""
     settings = installation(current_app).settings
-    url = callbacks.allowed(cmd.url, settings)  # checked again: anyone may send this command
-    body = callbacks.body_of(cmd.reply)
+    url = webhooks.allowed(cmd.url, settings)  # checked again: anyone may send this command
+    body = webhooks.body_of(cmd.reply)
     timestamp = str(int(time.time()))
     headers = {
         "Content-Type": "application/json",
-        callbacks.SIGNATURE_HEADER: callbacks.signature(settings.callback_secret, timestamp, body),
-        callbacks.TIMESTAMP_HEADER: timestamp,
-        callbacks.CORRELATION_HEADER: str(cmd.reply.get("correlation_id", "")),
-        callbacks.DELIVERY_HEADER: ctx.message_id,
+        webhooks.SIGNATURE_HEADER: webhooks.signature(settings.callback_secret, timestamp, body),
+        webhooks.TIMESTAMP_HEADER: timestamp,
+        webhooks.CORRELATION_HEADER: str(cmd.reply.get("correlation_id", "")),
+        webhooks.DELIVERY_HEADER: ctx.message_id,
     }
     try:
         response = httpx.post(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from postroom import CallbackRefused, Settings, callbacks
+from postroom import CallbackRefused, Settings, webhooks
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 ALLOW = "https://hooks.example.com/in/, http://127.0.0.1:9000/"
@@ -31,7 +31,7 @@ def settings(allow: str = ALLOW, secret: str = "s3cret") -> Settings:
     ],
 )
 def test_a_url_under_an_allowed_prefix_is_accepted(url: str) -> None:
-    assert callbacks.allowed(url, settings()) == url
+    assert webhooks.allowed(url, settings()) == url
 
 
 @pytest.mark.parametrize(
@@ -53,25 +53,25 @@ def test_a_url_under_an_allowed_prefix_is_accepted(url: str) -> None:
 )
 def test_a_url_off_the_allow_list_is_refused_saying_what_is_allowed(url: str) -> None:
     with pytest.raises(CallbackRefused, match=r"must be http\(s\).*hooks\.example\.com/in/"):
-        callbacks.allowed(url, settings())
+        webhooks.allowed(url, settings())
 
 
 @pytest.mark.parametrize(("allow", "secret"), [("", "s3cret"), (ALLOW, "")])
 def test_without_an_allow_list_or_a_secret_callbacks_are_off(allow: str, secret: str) -> None:
     with pytest.raises(CallbackRefused, match=r"POSTROOM_CALLBACK_ALLOW.*POSTROOM_CALLBACK_SECRET"):
-        callbacks.allowed("http://127.0.0.1:9000/", settings(allow, secret))
+        webhooks.allowed("http://127.0.0.1:9000/", settings(allow, secret))
 
 
 def test_the_signature_is_an_hmac_sha256_of_timestamp_dot_body_in_hex() -> None:
-    body = callbacks.body_of({"status": "succeeded", "value": {"n": 1}})
+    body = webhooks.body_of({"status": "succeeded", "value": {"n": 1}})
     expected = hmac.new(b"s3cret", b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert callbacks.signature("s3cret", "1700000000", body) == expected
-    assert callbacks.signature("s3cret", "1700000001", body) != expected
-    assert callbacks.signature("other", "1700000000", body) != expected
+    assert webhooks.signature("s3cret", "1700000000", body) == expected
+    assert webhooks.signature("s3cret", "1700000001", body) != expected
+    assert webhooks.signature("other", "1700000000", body) != expected
 
 
 def test_the_body_is_the_reply_under_reply() -> None:
-    assert callbacks.body_of({"status": "ok"}) == b'{"reply":{"status":"ok"}}'
+    assert webhooks.body_of({"status": "ok"}) == b'{"reply":{"status":"ok"}}'
 
 
 def test_the_secret_is_not_in_the_settings_repr() -> None:
@@ -80,7 +80,7 @@ def test_the_secret_is_not_in_the_settings_repr() -> None:
 
 def _readme_receiver() -> Any:
     """The README's receiver-side check, as written there."""
-    after = README.read_text().split("### Callbacks", 1)[1]
+    after = README.read_text().split("### HTTP callbacks", 1)[1]
     block = re.search(r"```python\n(.*?)```", after, re.S)
     assert block is not None
     namespace: dict[str, Any] = {}
@@ -90,11 +90,11 @@ def _readme_receiver() -> Any:
 
 def test_the_readme_receiver_accepts_a_signed_callback_and_refuses_a_changed_or_old_one() -> None:
     verified_reply = _readme_receiver()
-    body = callbacks.body_of({"status": "succeeded", "value": {"asset_id": "a1"}})
+    body = webhooks.body_of({"status": "succeeded", "value": {"asset_id": "a1"}})
     now = str(int(time.time()))
     headers = {
         "Postroom-Timestamp": now,
-        "Postroom-Signature": callbacks.signature("s3cret", now, body),
+        "Postroom-Signature": webhooks.signature("s3cret", now, body),
     }
     assert verified_reply(b"s3cret", headers, body)["value"] == {"asset_id": "a1"}
     with pytest.raises(ValueError, match="bad signature"):
@@ -104,7 +104,7 @@ def test_the_readme_receiver_accepts_a_signed_callback_and_refuses_a_changed_or_
     old = str(int(time.time()) - 3600)
     stale = {
         "Postroom-Timestamp": old,
-        "Postroom-Signature": callbacks.signature("s3cret", old, body),
+        "Postroom-Signature": webhooks.signature("s3cret", old, body),
     }
     with pytest.raises(ValueError, match="stale"):
         verified_reply(b"s3cret", stale, body)

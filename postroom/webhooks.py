@@ -3,26 +3,26 @@
 A sender that cannot wait (an HTTP client behind ``POST /assets``) names a URL with the command
 (``bus.send(command, callback_url=...)``). The URL travels in the command's envelope, in the
 ``postroom.callback_url`` header (signed with the rest when signing is on), so it survives restarts
-and redeliveries. Once the owner's reply is settled, a ``DeliverCallback`` command carrying the
-reply goes to the ``callbacks`` service, whose pool POSTs it (postroom.callback_handler)::
+and redeliveries. Once the owner's reply is settled, a ``DeliverWebhook`` command carrying the
+reply goes to the ``webhooks`` service, whose pool POSTs it (postroom.webhook_handler)::
 
     command + callback_url ─> owner ─ reply ─┬─> result backend (polling, bus.reply_for)
-                                             └─> outbox ─> ( commands.callbacks ) ─> pool "callbacks"
+                                             └─> outbox ─> ( commands.webhooks ) ─> pool "webhooks"
                                                                     │ POST {"reply": ...}, signed
                                                                     v
                                                                   receiver (2xx: done;
                                                                   else retried, then a dead letter)
 
-A reply that commits (succeeded, rejected) records its ``DeliverCallback`` in the outbox with the
+A reply that commits (succeeded, rejected) records its ``DeliverWebhook`` in the outbox with the
 handler's writes, so a worker killed between commit and dispatch still has it sent by the outbox
 sweep; a reply of a command that failed for good is sent with its ``CommandFailed``. Its message
 ID derives from the command's, so every repeat of that path is the same message, which the
-callbacks pool's inbox runs once: one POST per reply that a receiver answers 2xx. (A callbacks
+webhooks pool's inbox runs once: one POST per reply that a receiver answers 2xx. (A webhooks
 worker killed between a POST and its commit POSTs again, with the same ``Postroom-Delivery-Id``,
 for the receiver to drop.)
 
 Only URLs on ``POSTROOM_CALLBACK_ALLOW`` are accepted, when sent and again before the POST (a
-plain Celery client could send ``DeliverCallback`` itself): no request can make postroom call an
+plain Celery client could send ``DeliverWebhook`` itself): no request can make postroom call an
 address the deployment did not list.
 """
 
@@ -52,13 +52,13 @@ SIGNATURE_HEADER = "Postroom-Signature"
 TIMESTAMP_HEADER = "Postroom-Timestamp"
 CORRELATION_HEADER = "Postroom-Correlation-Id"
 DELIVERY_HEADER = "Postroom-Delivery-Id"
-#: the rank of a reply's DeliverCallback among the messages its command causes (derived_id):
+#: the rank of a reply's DeliverWebhook among the messages its command causes (derived_id):
 #: outside the outbox's 1, 2, ... and CommandFailed's 0, the same on every path that sends it
 RANK = -1
 _SCHEMES = {"http": 80, "https": 443}
 
 
-class DeliverCallback(Command, service="callbacks"):
+class DeliverWebhook(Command, service="webhooks"):
     """POST ``reply`` to ``url``: sent by postroom once a command with a callback URL has its
     reply; its own message ID is the ``Postroom-Delivery-Id`` the receiver dedupes by."""
 
@@ -134,18 +134,18 @@ def callback_url(headers: Mapping[str, Any]) -> str | None:
     return url if isinstance(url, str) and url else None
 
 
-def callback_for(command_id: str, url: str, reply: dict[str, Any]) -> tuple[str, DeliverCallback]:
-    """The message ID and the DeliverCallback of the reply of the command ``command_id``."""
-    return derived_id(command_id, RANK), DeliverCallback(url=url, reply=reply)
+def callback_for(command_id: str, url: str, reply: dict[str, Any]) -> tuple[str, DeliverWebhook]:
+    """The message ID and the DeliverWebhook of the reply of the command ``command_id``."""
+    return derived_id(command_id, RANK), DeliverWebhook(url=url, reply=reply)
 
 
 def entry(command_id: str, owner: str, url: str, reply: dict[str, Any]) -> Entry:
-    """The reply's DeliverCallback as an outbox entry, to commit with the command's handling."""
+    """The reply's DeliverWebhook as an outbox entry, to commit with the command's handling."""
     message_id, message = callback_for(command_id, url, reply)
     return Entry(
         message_id=message_id,
         kind="command",
-        message_type=DeliverCallback.__message_type__,
+        message_type=DeliverWebhook.__message_type__,
         payload=message.payload(),
         correlation_id=None,
         causation_id=command_id,

@@ -1,14 +1,14 @@
-"""The Callback step: a command's reply goes to its sender's callback URL (postroom.callbacks)."""
+"""The Webhook step: a command's reply goes to its sender's callback URL (postroom.webhooks)."""
 
 from __future__ import annotations
 
-from postroom import callbacks
+from postroom import webhooks
 from postroom.pipeline.delivery import Delivery, Outcome
 from postroom.pipeline.steps import Next, Step
 
 
-class Callback(Step):
-    """Records the ``DeliverCallback`` of a committing reply in the run's outbox, kept even when
+class Webhook(Step):
+    """Records the ``DeliverWebhook`` of a committing reply in the run's outbox, kept even when
     the command is rejected (a rejection announces nothing, but its sender still gets the reply).
 
     It sits just inside Commit, so what it records commits with the handler's writes and the
@@ -18,9 +18,9 @@ class Callback(Step):
 
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
         outcome = call_next(delivery)
-        url = callbacks.callback_url(delivery.headers)
+        url = webhooks.callback_url(delivery.headers)
         if url and delivery.kind == "command" and outcome.reply is not None:
             assert delivery.ctx is not None
             ctx = delivery.ctx
-            ctx.replies.append(callbacks.entry(ctx.message_id, ctx.owner, url, outcome.reply))
+            ctx.replies.append(webhooks.entry(ctx.message_id, ctx.owner, url, outcome.reply))
         return outcome
