@@ -21,7 +21,7 @@ from postroom.errors import (
     UnknownMessageType,
     WrongMessageKind,
 )
-from postroom.handlers import handles, subscribes
+from postroom.handlers import handles, on_reply, subscribes
 from postroom.headers import Envelope, uuid7
 from postroom.install import Installation, install, installation
 from postroom.messages import (
@@ -85,6 +85,7 @@ __all__ = [
     "handles",
     "install",
     "installation",
+    "on_reply",
     "subscribes",
     "upcaster",
     "uuid7",

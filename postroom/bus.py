@@ -31,10 +31,11 @@ from postroom._celery.wire import (
 )
 from postroom.errors import ReplyTimeout, Unsuccessful, WrongMessageKind
 from postroom.eventlog import event_log
-from postroom.headers import Envelope, uuid7
+from postroom.headers import REPLY_TO, Envelope, uuid7
 from postroom.install import installation
-from postroom.messages import Command, ErrorInfo, Event, Query, Reply
+from postroom.messages import Command, ErrorInfo, Event, Query, Reply, reply_type
 from postroom.partitions import partition_count, partition_of
+from postroom.registry import registry
 from postroom.signing import SIGNATURE, Signer, signer
 from postroom.topology import EVENTS_EXCHANGE, command_queue, partition_queue, queue_named
 from postroom.webhooks import CALLBACK_URL, allowed
@@ -109,6 +110,7 @@ class MessageBus:
         message_id: str | None = None,
         delay: float | None = None,
         not_before: datetime | None = None,
+        reply_to: str | None = None,
         callback_url: str | None = None,
     ) -> PendingReply:
         """Enqueue a command (or query) for the one service that owns it; returns at once.
@@ -123,10 +125,16 @@ class MessageBus:
         keeps it until then, no worker holds it (InvalidSchedule for a negative delay, a naive
         datetime, or both given).
 
+        ``reply_to`` (a pool name) also delivers the reply, as a message, to that pool's
+        ``@on_reply`` handler (see postroom.pipeline.callback); ContractError at once if this
+        process knows no such handler. The result backend stores the reply all the same.
+
         ``callback_url`` has a command's reply POSTed there, signed, once it is settled
         (postroom.webhooks); CallbackRefused unless it is on POSTROOM_CALLBACK_ALLOW.
         """
         _check_sendable(command)
+        if reply_to is not None:
+            registry.check_reply_to(type(command), reply_to)
         due = delays.due_time(delay, not_before)
         app = self.app
         extra: dict[str, str] = {}
@@ -141,6 +149,7 @@ class MessageBus:
             causation_id,
             signer(app),
             message_id=message_id,
+            reply_to=reply_to,
             extra=extra,
         )
         options: dict[str, Any] = {"queue": queue}
@@ -206,6 +215,7 @@ class MessageBus:
         sign: Signer | None,
         *,
         message_id: str | None = None,
+        reply_to: str | None = None,
         extra: dict[str, str] | None = None,
     ) -> tuple[PendingReply, dict[str, Any], dict[str, Any], Queue]:
         contract = type(command)
@@ -220,7 +230,38 @@ class MessageBus:
         payload = command.payload()
         queue = route(app, command)
         pending = PendingReply(app, envelope, queue.name)
+        extra = {**(extra or {}), **({REPLY_TO: reply_to} if reply_to else {})}
         return pending, payload, _headers(envelope, payload, sign, extra=extra), queue
+
+    def send_reply(self, reply: Reply, *, pool: str, message_id: str, source: str) -> None:
+        """Deliver ``reply`` as a message to ``pool``'s ``@on_reply`` handler, on its
+        ``commands.<pool>`` queue: what a worker does once it has answered a command or query
+        sent with ``reply_to`` (postroom.pipeline.callback). Its envelope carries the answered
+        message's correlation ID, and its message ID as the causation ID."""
+        app = self.app
+        envelope = Envelope.new(
+            reply_type(reply.message_type or ""),
+            1,
+            source=source,
+            correlation_id=reply.correlation_id,
+            causation_id=reply.causation_id,
+            message_id=message_id,
+        )
+        payload = reply.model_dump(mode="json")
+        headers = _headers(envelope, payload, signer(app), extra={REPLY_TO: pool})
+        installed = installation(app)
+        queue = command_queue(pool, installed.queue_type, delivery_limit=installed.delivery_limit)
+        with published(f"reply {message_id}", _retries(app)):
+            app.send_task(
+                envelope.message_type,
+                kwargs=payload,
+                task_id=message_id,
+                headers=headers,
+                root_id=envelope.correlation_id,
+                parent_id=envelope.causation_id,
+                argsrepr=envelope.summary(),
+                queue=queue,
+            )
 
     def ask(self, query: Query, *, timeout: float | None = 30.0) -> Reply:
         """Send a query and wait for its reply."""
@@ -342,9 +383,10 @@ def _headers(
     sign: Signer | None,
     operation: str = "send",
     *,
-    extra: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    headers = {**envelope.to_headers(), **(extra or {})}  # extra headers are signed too
+    headers = envelope.to_headers()
+    headers.update(extra or {})
     if sign is not None:
         headers[SIGNATURE] = sign.sign(envelope.message_type, payload, headers)
     tracing.sent(envelope, headers, operation)  # after signing: traceparent is not signed

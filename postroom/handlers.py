@@ -1,4 +1,4 @@
-"""``@handles`` and ``@subscribes``: plain functions become the handlers of message types.
+"""``@handles``, ``@subscribes`` and ``@on_reply``: plain functions become the handlers of message types.
 
 The function stays a plain function (returned unchanged, callable in a unit test); postroom
 registers it and a Celery task named after the type, whose body runs the one handling pipeline
@@ -7,13 +7,14 @@ registers it and a Celery task named after the type, whose body runs the one han
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from postroom._celery.tasks import register_task
 from postroom.breakers import CircuitBreaker
 from postroom.errors import ContractError
-from postroom.messages import Command, Event, Message, Query
+from postroom.messages import Command, Event, Message, Query, reply_contract
 from postroom.pipeline import kind_of
 from postroom.ratelimits import RateLimit
 from postroom.registry import Handler, registry
@@ -121,6 +122,44 @@ def subscribes(
                 "event",
                 __name__,
                 f"Delivers {event.__message_type__} to the @subscribes handler of this pool.",
+            )
+        return fn
+
+    return decorate
+
+
+def on_reply(contract: type[Command | Query], *, pool: str | None = None) -> Callable[[F], F]:
+    """Make ``fn(reply, ctx)`` pool ``pool``'s handler of the replies to ``contract`` sent with
+    ``reply_to=pool`` (``ctx.send`` or ``bus.send``): no worker waits for them.
+
+    ``reply`` is the Reply the result backend stores too; ``ctx.correlation_id`` and
+    ``ctx.causation_id`` are the original's correlation and message IDs. The replies arrive on
+    ``commands.<pool>``, the queue a service's pool (and a subscriber pool, for its queries)
+    already consumes, so no worker needs a queue of its own for them; they are deduplicated by
+    the pool's inbox, and the handler may write, send and publish as a command's handler does.
+    """
+    if not (isinstance(contract, type) and issubclass(contract, Command | Query)):
+        raise ContractError(
+            f"@on_reply takes a Command or Query class, not {contract!r}: only they have replies"
+        )
+    if pool is None or not re.fullmatch(r"[a-z][a-z0-9_]*", pool):
+        raise ContractError(
+            f"@on_reply({contract.__name__}) needs pool=, the lower_snake_case name of the service "
+            f"or pool whose workers receive the replies (on commands.<pool>), not {pool!r}: "
+            f"@on_reply({contract.__name__}, pool='my_service')"
+        )
+    reply = reply_contract(contract)
+
+    def decorate(fn: F) -> F:
+        first = not registry.reply_pools(reply.__message_type__)
+        registry.add_reply_handler(Handler(reply, fn, pool))
+        if first:  # one task per reply type; each worker runs the handler of the reply's pool
+            register_task(
+                reply.__message_type__,
+                "reply",
+                __name__,
+                f"Delivers a reply to {contract.__message_type__} to the @on_reply handler of "
+                "its pool.",
             )
         return fn
 

@@ -29,6 +29,9 @@ SOURCE = PREFIX + "source"
 CREATED_AT = PREFIX + "created_at"
 #: on a forced replay only (``postroom events replay --force``): makes it a new delivery, run again
 REPLAY = PREFIX + "replay"
+#: on a command or query sent with ``reply_to``, and on the reply message it causes: the service or
+#: pool whose ``@on_reply`` handler receives the reply (see postroom.pipeline.callback)
+REPLY_TO = PREFIX + "reply_to"
 
 
 def uuid7() -> str:

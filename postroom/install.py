@@ -209,7 +209,7 @@ def install(
         broker_transport=transport.NAME if settings.broker_is_redis else None,
         result_extended=True,
         task_queues=declared_queues(
-            registry.services(),
+            [*registry.services(), *registry.reply_pools()],  # replies arrive on commands.<pool>
             registry.pools(),
             tuple(registry.partitioned_services()),
             settings.partitions,

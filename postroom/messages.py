@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import cache
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -227,7 +228,9 @@ def upcaster(contract: type[Message], *, from_version: int) -> Callable[[Upcaste
     return register
 
 
-def upcast(contract: type[Message], version: int, payload: dict[str, Any]) -> dict[str, Any]:
+def upcast(
+    contract: type[Message | ReplyMessage], version: int, payload: dict[str, Any]
+) -> dict[str, Any]:
     """``payload`` as written by ``version`` of the contract, brought to its current version;
     InvalidMessage for a version this process does not know (newer, or with a missing step)."""
     current = contract.__message_version__
@@ -302,6 +305,35 @@ class Reply(BaseModel):
     @property
     def ok(self) -> bool:
         return self.status == "succeeded"
+
+
+class ReplyMessage(Reply):
+    """A Reply delivered as a message to the pool its command or query named with ``reply_to``:
+    what an ``@on_reply`` handler receives. One subclass per contract (``reply_contract``), whose
+    type name, ``<contract type>.reply``, names its Celery task, so Flower shows each delivery."""
+
+    __message_type__: ClassVar[str] = ""
+    __message_version__: ClassVar[int] = 1
+    __service__: ClassVar[str] = ""
+    __partition_key__: ClassVar[str | None] = None  # replies are never partitioned
+
+
+def reply_type(message_type: str) -> str:
+    """The type name of the replies to ``message_type`` delivered as messages."""
+    return f"{message_type}.reply"
+
+
+@cache
+def reply_contract(contract: type[Message]) -> type[ReplyMessage]:
+    """The ReplyMessage subclass of ``contract``'s replies; the same class every time."""
+
+    class Made(ReplyMessage):
+        __message_type__ = reply_type(contract.__message_type__)
+        __service__ = contract.__service__
+
+    Made.__name__ = Made.__qualname__ = f"{contract.__name__}Reply"
+    Made.__module__ = contract.__module__
+    return Made
 
 
 class CommandFailed(Event, service="postroom"):

@@ -47,6 +47,8 @@ class Entry:
     causation_id: str | None
     source: str
     at: float = field(default_factory=time.time)
+    #: a command's or query's: the pool its reply goes to (postroom.pipeline.callback)
+    reply_to: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -169,4 +171,9 @@ class Relay:
             )
         else:
             assert isinstance(message, Command | Query)
-            self.bus.send(message, causation_id=entry.causation_id, message_id=entry.message_id)
+            self.bus.send(
+                message,
+                causation_id=entry.causation_id,
+                message_id=entry.message_id,
+                reply_to=entry.reply_to,
+            )

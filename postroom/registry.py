@@ -1,4 +1,5 @@
-"""Who owns each command and query (exactly one handler), and which pools subscribe to each event."""
+"""Who owns each command and query (exactly one handler), which pools subscribe to each event, and
+which pools receive the replies to each command or query sent with ``reply_to`` (``@on_reply``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from postroom.breakers import CircuitBreaker
-from postroom.errors import DuplicateHandler
-from postroom.messages import Message
+from postroom.errors import ContractError, DuplicateHandler
+from postroom.messages import Message, ReplyMessage, reply_type
 from postroom.ratelimits import RateLimit
 
 
@@ -16,9 +17,9 @@ from postroom.ratelimits import RateLimit
 class Handler:
     """A plain function bound to the contract it handles and the service or pool that runs it."""
 
-    contract: type[Message]
+    contract: type[Message | ReplyMessage]
     fn: Callable[..., Any]
-    owner: str  # the service for commands and queries, the pool for events
+    owner: str  # the service for commands and queries, the pool for events and replies
     #: its circuit breaker: None the settings' (POSTROOM_BREAKER_FAILURES), False none, True or a
     #: CircuitBreaker one of its own (see postroom.breakers)
     breaker: CircuitBreaker | bool | None = None
@@ -36,6 +37,7 @@ class Registry:
     def __init__(self) -> None:
         self._owners: dict[str, Handler] = {}
         self._subscribers: dict[tuple[str, str], Handler] = {}
+        self._reply_handlers: dict[tuple[str, str], Handler] = {}
 
     def add_owner(self, handler: Handler) -> None:
         """Record the one handler of a command or query type; a second one is a mistake."""
@@ -81,9 +83,39 @@ class Registry:
         """Every subscriber pool with the event types it subscribes to."""
         return {pool: self.subscriptions(pool) for pool in {o for _, o in self._subscribers}}
 
+    def add_reply_handler(self, handler: Handler) -> None:
+        """Record a pool's handler of the replies to a command or query type; one per pool."""
+        key = (handler.contract.__message_type__, handler.owner)
+        existing = self._reply_handlers.get(key)
+        if existing is not None and existing.where != handler.where:
+            raise DuplicateHandler(
+                f"pool {handler.owner!r} already receives {key[0]} with {existing.where}; "
+                f"{handler.where} cannot too. Handle both cases in one @on_reply handler"
+            )
+        self._reply_handlers[key] = handler
+
+    def reply_handler(self, reply_type: str, pool: str) -> Handler | None:
+        return self._reply_handlers.get((reply_type, pool))
+
+    def check_reply_to(self, contract: type[Message], pool: str) -> None:
+        """ContractError unless ``pool`` has an ``@on_reply`` handler of ``contract``'s replies:
+        said at send, since a reply nobody handles would only be dead-lettered on arrival."""
+        if self.reply_handler(reply_type(contract.__message_type__), pool) is None:
+            known = ", ".join(self.reply_pools(reply_type(contract.__message_type__))) or "none"
+            raise ContractError(
+                f"reply_to={pool!r}, but pool {pool!r} has no @on_reply({contract.__name__}) "
+                f"handler (pools with one: {known}): declare one with "
+                f"@on_reply({contract.__name__}, pool={pool!r}), or import its module"
+            )
+
+    def reply_pools(self, reply_type: str | None = None) -> list[str]:
+        """The pools with an ``@on_reply`` handler (of ``reply_type``, if given)."""
+        return sorted({p for t, p in self._reply_handlers if reply_type in (None, t)})
+
     def handlers(self) -> list[Handler]:
-        """Every handler: each command's and query's owner, then each pool's of each event."""
-        return [*self._owners.values(), *self._subscribers.values()]
+        """Every handler: each command's and query's owner, each pool's of each event, then each
+        pool's of each reply."""
+        return [*self._owners.values(), *self._subscribers.values(), *self._reply_handlers.values()]
 
     def partitioned_services(self) -> list[str]:
         """Every service owning a contract that declares a partition key: it has partition queues."""

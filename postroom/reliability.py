@@ -28,7 +28,7 @@ from postroom.outbox import Entry
 from postroom.parking import RedisLines
 
 
-def derived_id(parent: str, n: int) -> str:
+def derived_id(parent: str, n: int | str) -> str:
     """The n-th message ID caused by ``parent``: the same on every run of the same handler.
 
     A handler that runs twice (its first run crashed after publishing) publishes the same event IDs

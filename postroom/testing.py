@@ -38,8 +38,8 @@ import redis
 
 from postroom.breakers import Breakers, MemoryBreakers
 from postroom.errors import InvalidMessage, ReplyTimeout, WrongMessageKind
-from postroom.headers import Envelope
-from postroom.messages import Command, Event, Message, Query, Reply
+from postroom.headers import REPLY_TO, Envelope
+from postroom.messages import Command, Event, Message, Query, Reply, reply_type
 from postroom.parking import purge_one, redrive_all, redrive_one
 from postroom.partitions import partition_of
 from postroom.pipeline import Delivery, Pipeline, Runtime, Step, default_steps, kind_of
@@ -169,10 +169,12 @@ class Harness:
         correlation_id: str | None = None,
         causation_id: str | None = None,
         message_id: str | None = None,
+        reply_to: str | None = None,
         callback_url: str | None = None,
     ) -> Sent:
         """Queue a command or query for its owner, as ``bus.send`` does; nothing runs yet.
 
+        With ``reply_to``, its reply is also delivered to that pool's ``@on_reply`` handler.
         With ``callback_url``, the reply's ``DeliverWebhook`` is kept in ``webhooks`` (nothing
         is POSTed, and no allow-list applies: the harness has no settings).
         """
@@ -181,11 +183,16 @@ class Harness:
                 f"send() takes a Command or Query, not {command!r}: publish events"
             )
         contract = type(command)
+        if reply_to is not None:
+            registry.check_reply_to(contract, reply_to)
         envelope = self._envelope(contract, correlation_id, causation_id, message_id, self.source)
         if isinstance(command, DeliverWebhook):
             self.webhooks.append(command)
             return Sent(self, envelope)
-        extra = {} if callback_url is None else {CALLBACK_URL: callback_url}
+        extra: dict[str, Any] = {REPLY_TO: reply_to} if reply_to else {}
+        if callback_url is not None:
+            extra[CALLBACK_URL] = callback_url
+        headers = self._headers(envelope, command, extra)
         handler = registry.owner_of(contract.__message_type__)
         owner = handler.owner if handler else contract.__service__
         self._enqueue(
@@ -197,12 +204,43 @@ class Harness:
                 queue=self._queue_of(command, owner),
                 name=contract.__message_type__,
                 task_id=envelope.correlation_id,
-                headers=self._headers(envelope, command, extra),
+                headers=headers,
                 args=(),
                 body=_wire(command),
             )
         )
         return Sent(self, envelope)
+
+    def send_reply(self, reply: Reply, *, pool: str, message_id: str, source: str) -> None:
+        """Queue a reply's delivery to ``pool``'s ``@on_reply`` handler, as ``bus.send_reply``
+        does (a worker, for a message sent with ``reply_to``)."""
+        message_type = reply_type(reply.message_type or "")
+        envelope = Envelope.new(
+            message_type,
+            1,
+            source=source,
+            correlation_id=reply.correlation_id,
+            causation_id=reply.causation_id,
+            message_id=message_id,
+        )
+        body = reply.model_dump(mode="json")
+        headers = envelope.to_headers() | {REPLY_TO: pool}
+        if self.signer is not None:
+            headers[SIGNATURE] = self.signer.sign(message_type, body, headers)
+        self._enqueue(
+            Delivery(
+                runtime=self.runtime,
+                handler=registry.reply_handler(message_type, pool),
+                kind="reply",
+                owner=pool,
+                queue=command_queue_name(pool),
+                name=message_type,
+                task_id=message_id,
+                headers=headers,
+                args=(),
+                body=body,
+            )
+        )
 
     def ask(self, query: Query) -> Reply:
         """Send a query and run until its reply is in."""
@@ -368,9 +406,9 @@ class Harness:
         )
 
     def _headers(
-        self, envelope: Envelope, message: Message, extra: Mapping[str, str] | None = None
+        self, envelope: Envelope, message: Message, extra: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        headers = {**envelope.to_headers(), **(extra or {})}
+        headers = envelope.to_headers() | dict(extra or {})
         if self.signer is not None:
             headers[SIGNATURE] = self.signer.sign(envelope.message_type, _wire(message), headers)
         return headers

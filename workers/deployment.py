@@ -7,6 +7,7 @@ in it), and every process it starts is given the same ``-A``. The pools are the 
 from the registry of handlers::
 
     registry.services()  ──> one service pool per owner of commands/queries:  commands.<service>
+      + reply_pools()        (and per pool with an @on_reply handler: its replies arrive there)
     registry.pools()     ──> one subscriber pool per pool:   events.<pool> (+ commands.<pool>)
 
 A service that is also a subscriber pool is one pool reading both queues. A partitioned service
@@ -166,8 +167,10 @@ def derived_pools(
     subscribers: Iterable[str] | None = None,
     partitioned: Iterable[str] | None = None,
 ) -> tuple[Pool, ...]:
-    """One pool per service and per subscriber pool of the registry (or of the names given)."""
-    services = set(registry.services() if services is None else services)
+    """One pool per service and per subscriber pool of the registry (or of the names given); a
+    pool that only receives replies (``@on_reply``) is a service pool, on ``commands.<pool>``."""
+    known = [*registry.services(), *registry.reply_pools()]
+    services = set(known if services is None else services)
     subscribers = set(registry.pools() if subscribers is None else subscribers)
     one_at_a_time = set(registry.partitioned_services() if partitioned is None else partitioned)
     return tuple(

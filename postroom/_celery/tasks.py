@@ -38,7 +38,7 @@ from postroom.errors import (
     FailedReply,
     RejectedReply,
 )
-from postroom.headers import MESSAGE_ID, REPLAY
+from postroom.headers import MESSAGE_ID, REPLAY, REPLY_TO
 from postroom.pipeline import Delivery, Kind, Outcome
 from postroom.pipeline.steps import replayed_id
 from postroom.ratelimits import RESERVATION
@@ -111,6 +111,11 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
             pool = worker_pool(self.app)
             handler = registry.subscriber(self.name, pool) if pool else None
             owner, queue = pool or "", event_queue_name(pool) if pool else arrived_on
+        elif self.kind == "reply":  # a reply to a callback: its pool's @on_reply handler
+            to = (request.headers or {}).get(REPLY_TO)
+            owner = to if isinstance(to, str) else ""
+            handler = registry.reply_handler(self.name, owner)
+            queue = arrived_on or command_queue_name(owner)
         else:
             assert handler is not None
             owner = handler.owner
@@ -218,7 +223,7 @@ class PostroomTask(celery.Task):  # type: ignore[misc]
             except Retry as retry:
                 retry.when = outcome.delay
                 raise
-        if delivery.kind == "event":
+        if delivery.one_way:
             if outcome.error is not None:
                 raise outcome.error
             return None
@@ -248,4 +253,6 @@ def register_task(name: str, kind: Kind, module: str, doc: str | None, **attrs: 
     options: dict[str, Any] = {"kind": kind, **attrs}
     if kind == "event":
         options.update(Request="postroom._celery.tasks:EventRequest", ignore_result=True)
+    elif kind == "reply":  # nobody waits for a reply's delivery: no result of its own
+        options.update(ignore_result=True)
     shared_task(name=name, bind=True, base=PostroomTask, **options)(run)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from functools import partial
 
 from postroom.pipeline.breaker import Breaker
+from postroom.pipeline.callback import Callback
 from postroom.pipeline.context import HandlerContext
 from postroom.pipeline.delivery import Delivery, Kind, Outcome, Runtime, kind_of
 from postroom.pipeline.parking import Park
@@ -39,6 +40,7 @@ from postroom.pipeline.webhook import Webhook
 
 __all__ = [
     "Breaker",
+    "Callback",
     "DeadLetter",
     "Delivery",
     "GiveUp",
@@ -63,6 +65,7 @@ def default_steps(extra: Sequence[Step] = ()) -> list[Step]:
     return [
         Trace(),
         Log(),
+        Callback(),
         DeadLetter(),
         Decode(),
         VerifySignature(),

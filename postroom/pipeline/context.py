@@ -9,6 +9,7 @@ from postroom.headers import Envelope
 from postroom.messages import Command, Event, Query
 from postroom.outbox import Entry
 from postroom.pipeline.delivery import Delivery
+from postroom.registry import registry
 from postroom.reliability import derived_id
 
 
@@ -53,19 +54,26 @@ class HandlerContext:
             )
         return self._record("event", event, self.correlation_id)
 
-    def send(self, command: Command | Query) -> str:
+    def send(self, command: Command | Query, *, reply_to: str | bool = False) -> str:
         """Send a command (or query) to its owner once this handling commits; its message ID.
 
         It starts a conversation of its own (its reply is stored under its message ID), caused
-        by this message.
+        by this message. ``reply_to`` delivers the reply, as a message, to that pool's
+        ``@on_reply`` handler (True: this handler's own service or pool), so no worker waits
+        for it; ContractError at once if that pool has none.
         """
         if not isinstance(command, Command | Query):
             raise WrongMessageKind(
                 f"ctx.send() takes a Command or Query, not {command!r}: publish events"
             )
-        return self._record("command", command, None)
+        pool = self.owner if reply_to is True else reply_to or None
+        if pool is not None:
+            registry.check_reply_to(type(command), pool)
+        return self._record("command", command, None, reply_to=pool)
 
-    def _record(self, kind: Any, message: Any, correlation_id: str | None) -> str:
+    def _record(
+        self, kind: Any, message: Any, correlation_id: str | None, *, reply_to: str | None = None
+    ) -> str:
         if self._delivery.kind == "query":
             raise WrongMessageKind(
                 "a query changes nothing and announces nothing: send or publish from a command's "
@@ -79,6 +87,7 @@ class HandlerContext:
             correlation_id=correlation_id,
             causation_id=self.message_id,
             source=self.owner,
+            reply_to=reply_to,
         )
         self.outbox.append(entry)
         return entry.message_id

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from postroom.breakers import Breakers, MemoryBreakers
 from postroom.headers import Envelope
-from postroom.messages import Command, Event, Message, Query
+from postroom.messages import Command, Event, Message, Query, Reply, ReplyMessage
 from postroom.outbox import Relay, Removals
 from postroom.ratelimits import WAIT_IN_PLACE, MemoryRateLimits, RateLimitStore
 from postroom.registry import Handler
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from postroom.reliability import DeadLetter
     from postroom.stores import DeadLetterStore, InboxStore
 
-Kind = Literal["command", "query", "event"]
+#: reply: a Reply delivered to the pool its command or query named with ``reply_to``
+Kind = Literal["command", "query", "event", "reply"]
 #: succeeded / rejected / failed: a command's or query's reply; handled: an event delivery done;
 #: retry: run again after ``Outcome.delay`` seconds, from the broker; held: not run (its breaker
 #: is open, or its rate limit's slot is ahead), back from the broker after ``Outcome.delay``
@@ -55,7 +56,10 @@ class Publisher(Protocol):
         correlation_id: str | None = None,
         causation_id: str | None = None,
         message_id: str | None = None,
+        reply_to: str | None = None,
     ) -> Any: ...
+
+    def send_reply(self, reply: Reply, *, pool: str, message_id: str, source: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,9 @@ class Runtime:
         return Relay(self.bus, self.removals)
 
 
-def kind_of(contract: type[Message]) -> Kind:
+def kind_of(contract: type[Message] | type[ReplyMessage]) -> Kind:
+    if issubclass(contract, ReplyMessage):
+        return "reply"
     if issubclass(contract, Command):
         return "command"
     return "query" if issubclass(contract, Query) else "event"
@@ -119,7 +125,7 @@ class Delivery:
     parent_id: str | None = None
     envelope: Envelope | None = None
     fields: dict[str, Any] = field(default_factory=dict)  # the body, upcast to the current version
-    message: Message | None = None
+    message: Message | ReplyMessage | None = None
     inbox_id: str = ""  # what the owner's inbox knows this run by
     runs: int = 0  # runs begun and not ended, this one included (0: not counted)
     committed: bool = False
@@ -132,6 +138,11 @@ class Delivery:
     def store(self) -> InboxStore:
         """Where this owner's inbox, outbox and writes are committed."""
         return self.runtime.store(self.owner)
+
+    @property
+    def one_way(self) -> bool:
+        """An event's or a reply's delivery: nobody waits for it, so it has no reply of its own."""
+        return self.kind in {"event", "reply"}
 
     @property
     def partitioned(self) -> bool:

@@ -1,11 +1,14 @@
 """The steps every message goes through, outermost first. Each does one thing and is small.
 
 ```
- Trace ─ Log ─ DeadLetter ─ Decode ─ VerifySignature ─ Upcast ─ Validate ─ Park ─ Dedupe
-   ─ PoisonGuard ─ Breaker ─ Throttle ─ Retry ─ Commit ─ Webhook ─ [your steps] ─ Run
+ Trace ─ Log ─ Callback ─ DeadLetter ─ Decode ─ VerifySignature ─ Upcast ─ Validate ─ Park
+   ─ Dedupe ─ PoisonGuard ─ Breaker ─ Throttle ─ Retry ─ Commit ─ Webhook ─ [your steps] ─ Run
 ```
 
-(Breaker is postroom.pipeline.breaker, Webhook postroom.pipeline.webhook, Throttle postroom.pipeline.ratelimit, Park postroom.pipeline.parking.) A step is called with the delivery and the rest of the pipeline (``call_next``); it may act
+(Breaker is postroom.pipeline.breaker, Throttle postroom.pipeline.ratelimit, Park
+postroom.pipeline.parking, Callback postroom.pipeline.callback, Webhook
+postroom.pipeline.webhook.) A step is called with the
+delivery and the rest of the pipeline (``call_next``); it may act
 before, after, or instead of calling it. An inner step that cannot go on raises ``GiveUp`` with
 a reason, and DeadLetter keeps the message with that reason.
 """
@@ -94,7 +97,7 @@ def _error_type(error: BaseException) -> str:
 
 def recorded(delivery: Delivery, done: dict[str, Any]) -> Outcome:
     """The outcome a repeat gets: what its first run recorded."""
-    if delivery.kind == "event":
+    if delivery.one_way:
         return Outcome("handled")
     return Outcome(done.get("status", "succeeded"), reply=done)
 
@@ -188,7 +191,7 @@ class DeadLetter(Step):
                 message_id=derived_id(envelope.message_id, 0),
             )
         status: Status = "rejected" if refused else "failed"
-        answer = None if delivery.kind == "event" else reply(delivery, status, error=error)
+        answer = None if delivery.one_way else reply(delivery, status, error=error)
         url = webhooks.callback_url(delivery.headers)
         if delivery.kind == "command" and answer is not None and url and envelope is not None:
             # no commit carries this reply: sent now, under the ID the Webhook step would use
@@ -224,11 +227,15 @@ class Decode(Step):
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
         handler = delivery.handler
         if handler is None:
+            lacks = (
+                "has no @on_reply handler of it"
+                if delivery.kind == "reply"
+                else "does not subscribe to it"
+            )
             raise GiveUp(
                 "unknown",
                 InvalidMessage(
-                    f"{delivery.name} reached a worker of pool {delivery.owner!r}, which does "
-                    "not subscribe to it"
+                    f"{delivery.name} reached a worker of pool {delivery.owner!r}, which {lacks}"
                 ),
             )
         try:
@@ -260,8 +267,8 @@ def replayed_id(message_id: str, replay: object) -> str:
 
 def _envelope(delivery: Delivery) -> Envelope:
     plain = not any(name.startswith(PREFIX) for name in delivery.headers)
-    if delivery.kind == "event" or not plain:
-        # an event is only ever published by postroom, never by a plain Celery client
+    if delivery.one_way or not plain:
+        # an event or a reply is only ever sent by postroom, never by a plain Celery client
         return Envelope.from_headers(dict(delivery.headers))
     assert delivery.handler is not None
     contract = delivery.handler.contract
@@ -465,10 +472,10 @@ class Run(Step):
         try:
             result = delivery.handler.fn(delivery.message, delivery.ctx)
         except Rejected as exc:
-            if delivery.kind == "event":
+            if delivery.one_way:
                 raise
             return Outcome("rejected", reply=reply(delivery, "rejected", error=exc), error=exc)
-        if delivery.kind == "event":
+        if delivery.one_way:
             return Outcome("handled")
         try:
             value = to_jsonable_python(result)

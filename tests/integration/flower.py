@@ -9,9 +9,10 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
-from tests.support import ROOT, BrokerContext
+from tests.support import ROOT, BrokerContext, wait_for
 
 AUTH = "watcher:correct-horse"
 
@@ -64,3 +65,14 @@ class Flower:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def running_flower(broker: BrokerContext) -> Iterator[Flower]:
+    """A module fixture's body: Flower started and answering before anything is sent (so it sees
+    every task event), stopped after the module."""
+    running = Flower(broker)
+    try:
+        wait_for(running.answers, timeout=60, interval=0.3)
+        yield running
+    finally:
+        running.stop()

@@ -24,7 +24,7 @@ import pytest
 from config.pools import Pool
 from postroom import MessageBus
 from postroom.breakers import RedisBreakers, breaker_name
-from tests.integration.flower import Flower
+from tests.integration.flower import Flower, running_flower
 from tests.integration.services import (
     READING_BREAKER,
     SERVICE,
@@ -42,12 +42,7 @@ ASKS = 10
 
 @pytest.fixture(scope="module")
 def flower(broker: BrokerContext) -> Iterator[Flower]:
-    running = Flower(broker)
-    try:
-        wait_for(running.answers, timeout=60, interval=0.3)
-        yield running
-    finally:
-        running.stop()
+    yield from running_flower(broker)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from postroom import Query, on_reply
 from postroom.settings import Settings
 from tests.support import DATABASE
 from workers.cli import main, parser
@@ -92,6 +93,17 @@ def test_pools_are_derived_one_per_service_and_subscriber_pool() -> None:
     assert pools["reports"].queues == ("events.reports", "commands.reports")  # one pool, both
     assert pools["mailer"].queues == ("events.mailer", "commands.mailer")
     assert len(pools) == 4
+
+
+def test_a_pool_that_only_receives_replies_is_derived_as_a_service_pool() -> None:
+    pool = f"replies_{_unique()}"
+
+    class Weigh(Query, service=f"scales_{_unique()}"):
+        grams: int
+
+    on_reply(Weigh, pool=pool)(lambda reply, ctx: None)
+    derived = {p.name: p for p in derived_pools()}
+    assert derived[pool] == Pool(pool, (f"commands.{pool}",), concurrency=2)
 
 
 def test_pools_a_package_declares_are_used(project: Path) -> None:

@@ -49,3 +49,7 @@ def test_the_readme_rate_limit_example_passes_in_the_harness(tmp_path: Path) -> 
 @pytest.mark.timeout(60)
 def test_the_readme_ordered_dead_letters_example_passes_in_the_harness(tmp_path: Path) -> None:
     assert "1 passed" in _passes("### Dead letters that keep order", tmp_path)
+
+
+def test_the_readme_reply_to_a_callback_example_passes_in_the_harness(tmp_path: Path) -> None:
+    assert "1 passed" in _passes("### Replies to a callback", tmp_path)
