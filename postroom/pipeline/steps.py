@@ -6,9 +6,8 @@
 ```
 
 (Breaker is postroom.pipeline.breaker, Throttle postroom.pipeline.ratelimit, Park
-postroom.pipeline.parking, Callback postroom.pipeline.callback, Webhook
-postroom.pipeline.webhook.) A step is called with the
-delivery and the rest of the pipeline (``call_next``); it may act
+postroom.pipeline.parking, Callback postroom.pipeline.callback, Webhook postroom.pipeline.webhook.)
+A step is called with the delivery and the rest of the pipeline (``call_next``); it may act
 before, after, or instead of calling it. An inner step that cannot go on raises ``GiveUp`` with
 a reason, and DeadLetter keeps the message with that reason.
 """
