@@ -15,6 +15,7 @@ SERVICE_MODULES = [
     "tasks.analytics",
     "tasks.notifications",
     "tasks.geofence",
+    "postroom.webhook_handler",
 ]
 
 

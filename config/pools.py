@@ -21,6 +21,9 @@ POOLS: tuple[Pool, ...] = (
     subscriber_pool("search"),
     subscriber_pool("analytics"),
     subscriber_pool("notifications"),
+    # POSTs the replies of commands sent with a callback URL (postroom.webhook_handler): a pool
+    # of its own, so a slow receiver holds up callbacks only
+    service_pool("webhooks"),
 )
 
 

@@ -3,6 +3,8 @@
 from postroom.breakers import CircuitBreaker
 from postroom.bus import MessageBus, PendingReply
 from postroom.errors import (
+    CallbackFailed,
+    CallbackRefused,
     CircuitOpen,
     ContractError,
     DuplicateHandler,
@@ -36,17 +38,21 @@ from postroom.pipeline import Delivery, HandlerContext, Outcome, Step
 from postroom.ratelimits import RateLimit
 from postroom.retries import RetryPolicy
 from postroom.settings import Settings
+from postroom.webhooks import DeliverWebhook
 
 #: the bus of Celery's current app, which must have postroom installed (import your config first)
 bus = MessageBus()
 
 __all__ = [
+    "CallbackFailed",
+    "CallbackRefused",
     "CircuitBreaker",
     "CircuitClosed",
     "CircuitOpen",
     "CircuitOpened",
     "Command",
     "ContractError",
+    "DeliverWebhook",
     "Delivery",
     "DuplicateHandler",
     "Envelope",

@@ -38,6 +38,7 @@ from postroom.partitions import partition_count, partition_of
 from postroom.registry import registry
 from postroom.signing import SIGNATURE, Signer, signer
 from postroom.topology import EVENTS_EXCHANGE, command_queue, partition_queue, queue_named
+from postroom.webhooks import CALLBACK_URL, allowed
 
 _SENDABLE = (Command, Query)
 
@@ -110,6 +111,7 @@ class MessageBus:
         delay: float | None = None,
         not_before: datetime | None = None,
         reply_to: str | None = None,
+        callback_url: str | None = None,
     ) -> PendingReply:
         """Enqueue a command (or query) for the one service that owns it; returns at once.
 
@@ -126,12 +128,20 @@ class MessageBus:
         ``reply_to`` (a pool name) also delivers the reply, as a message, to that pool's
         ``@on_reply`` handler (see postroom.pipeline.callback); ContractError at once if this
         process knows no such handler. The result backend stores the reply all the same.
+
+        ``callback_url`` has a command's reply POSTed there, signed, once it is settled
+        (postroom.webhooks); CallbackRefused unless it is on POSTROOM_CALLBACK_ALLOW.
         """
         _check_sendable(command)
         if reply_to is not None:
             registry.check_reply_to(type(command), reply_to)
         due = delays.due_time(delay, not_before)
         app = self.app
+        extra: dict[str, str] = {}
+        if callback_url is not None:
+            if not isinstance(command, Command):
+                raise WrongMessageKind("a callback carries a command's reply: ask queries")
+            extra[CALLBACK_URL] = allowed(callback_url, installation(app).settings)
         pending, payload, headers, queue = self._prepare(
             app,
             command,
@@ -140,6 +150,7 @@ class MessageBus:
             signer(app),
             message_id=message_id,
             reply_to=reply_to,
+            extra=extra,
         )
         options: dict[str, Any] = {"queue": queue}
         if due is not None:
@@ -205,6 +216,7 @@ class MessageBus:
         *,
         message_id: str | None = None,
         reply_to: str | None = None,
+        extra: dict[str, str] | None = None,
     ) -> tuple[PendingReply, dict[str, Any], dict[str, Any], Queue]:
         contract = type(command)
         envelope = Envelope.new(
@@ -218,7 +230,7 @@ class MessageBus:
         payload = command.payload()
         queue = route(app, command)
         pending = PendingReply(app, envelope, queue.name)
-        extra = {REPLY_TO: reply_to} if reply_to else {}
+        extra = {**(extra or {}), **({REPLY_TO: reply_to} if reply_to else {})}
         return pending, payload, _headers(envelope, payload, sign, extra=extra), queue
 
     def send_reply(self, reply: Reply, *, pool: str, message_id: str, source: str) -> None:

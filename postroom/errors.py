@@ -71,6 +71,10 @@ class UnknownMessageType(InvalidMessage):
     """A received message names a type this process has no contract for."""
 
 
+class CallbackRefused(InvalidMessage):
+    """A callback URL is not on POSTROOM_CALLBACK_ALLOW, or callbacks are off: nothing is sent."""
+
+
 class Rejected(PostroomError):
     """Raised by a handler that refuses a command; never retried, the reply says why."""
 
@@ -81,6 +85,10 @@ class Rejected(PostroomError):
 
 class TransientError(PostroomError):
     """Raised by a handler for a failure worth retrying (with backoff) before giving up."""
+
+
+class CallbackFailed(TransientError):
+    """A callback receiver answered other than 2xx, or could not be reached: retried, then kept."""
 
 
 class CircuitOpen(PostroomError):

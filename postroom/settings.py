@@ -238,6 +238,24 @@ class Settings(BaseSettings):
         "504 Gateway Timeout",
     )
 
+    callback_allow: str = Field(
+        "",
+        description="comma-separated URL prefixes a `Postroom-Callback-Url` must start with "
+        "(same scheme, host and port, a path at or below the prefix's); empty: callbacks are "
+        "off, and a request asking for one is refused with 422",
+    )
+    callback_secret: str = Field(
+        "",
+        description="the secret callbacks are signed with (HMAC-SHA256 in `Postroom-Signature`); "
+        "callbacks are off without it",
+    )
+    callback_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="seconds a callback POST may take, connecting and answering, before it "
+        "counts as failed and is retried",
+    )
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -307,6 +325,8 @@ class Settings(BaseSettings):
                 value = maybe_sanitize_url(value)
             elif name == "flower_basic_auth" and value:
                 value = value.split(":", 1)[0] + ":**"
+            elif name == "callback_secret" and value:
+                value = "**"
             elif name == "signing_keys" and value:
                 value = f"<{len(self.signing_key_list)} key(s)>"
             yield name, value

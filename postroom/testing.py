@@ -56,6 +56,7 @@ from postroom.topology import (
     event_queue_name,
     partition_queue_name,
 )
+from postroom.webhooks import CALLBACK_URL, DeliverWebhook
 
 __all__ = ["FakeClock", "Harness", "postroom_harness"]
 
@@ -158,6 +159,8 @@ class Harness:
         self.replies: dict[str, Reply] = {}
         #: every event published, in order (by a handler or by the test)
         self.published: list[Event] = []
+        #: every reply a callback would carry, in order (postroom.webhooks)
+        self.webhooks: list[DeliverWebhook] = []
         self._queue: list[_Queued] = []
         self._history: list[Delivery] = []
         self._seq = itertools.count()
@@ -174,9 +177,14 @@ class Harness:
         causation_id: str | None = None,
         message_id: str | None = None,
         reply_to: str | None = None,
+        callback_url: str | None = None,
     ) -> Sent:
         """Queue a command or query for its owner, as ``bus.send`` does; nothing runs yet.
-        With ``reply_to``, its reply is also delivered to that pool's ``@on_reply`` handler."""
+
+        With ``reply_to``, its reply is also delivered to that pool's ``@on_reply`` handler.
+        With ``callback_url``, the reply's ``DeliverWebhook`` is kept in ``webhooks`` (nothing
+        is POSTed, and no allow-list applies: the harness has no settings).
+        """
         if not isinstance(command, Command | Query):
             raise WrongMessageKind(
                 f"send() takes a Command or Query, not {command!r}: publish events"
@@ -185,7 +193,13 @@ class Harness:
         if reply_to is not None:
             registry.check_reply_to(contract, reply_to)
         envelope = self._envelope(contract, correlation_id, causation_id, message_id, self.source)
-        headers = self._headers(envelope, command, {REPLY_TO: reply_to} if reply_to else {})
+        if isinstance(command, DeliverWebhook):
+            self.webhooks.append(command)
+            return Sent(self, envelope)
+        extra: dict[str, Any] = {REPLY_TO: reply_to} if reply_to else {}
+        if callback_url is not None:
+            extra[CALLBACK_URL] = callback_url
+        headers = self._headers(envelope, command, extra)
         handler = registry.owner_of(contract.__message_type__)
         owner = handler.owner if handler else contract.__service__
         self._enqueue(

@@ -10,6 +10,9 @@ where to fetch the reply later, instead of holding the connection open or losing
          ├─ reply in time:   201 Created,  Location: /assets/{asset_id}  │
          └─ no reply yet:    202 Accepted, Location: /commands/{cid} <───┘ result backend[cid]
 
+A ``Postroom-Callback-Url`` header on ``POST /assets`` (a URL on POSTROOM_CALLBACK_ALLOW, else
+422) has the reply POSTed there, signed, once it is in (postroom.webhooks), whatever the answer.
+
 Reads are queries through the bus as well (``GetAsset``, ``SearchAssets``): this process holds no
 state and imports contracts only, never a handler. Endpoints are plain ``def`` functions, so the
 blocking waits on the bus run in Starlette's thread pool, not on the event loop.
@@ -32,7 +35,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict, Field
 
-from postroom import MessageBus, ReplyTimeout, SendFailed, tracing
+from postroom import CallbackRefused, MessageBus, ReplyTimeout, SendFailed, tracing, webhooks
 from postroom.messages import Command, Query, Reply
 from postroom.settings import Settings
 from tasks.assets import GetAsset, RegisterAsset
@@ -185,7 +188,8 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
             "`POST /assets` sends the `RegisterAsset` command and waits up to "
             f"{config.api_reply_wait}s for its reply: 201 with the asset's Location if it comes, "
             "202 with a `/commands/{correlation_id}` Location to poll if it does not. Send an "
-            "`Idempotency-Key` header to make a retried POST the same command."
+            "`Idempotency-Key` header to make a retried POST the same command, and a "
+            "`Postroom-Callback-Url` header to have the reply POSTed there, signed."
         ),
     )
 
@@ -209,6 +213,7 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
         response_model=AssetCreated,
         responses={
             202: {"model": CommandAccepted, "description": "no reply yet: poll the Location"},
+            422: {"description": "an invalid field, or a callback URL that is not allowed"},
             409: {"model": Reply, "description": "the assets service rejected the command"},
             502: {"model": Reply, "description": "the command failed (its error names the type)"},
         },
@@ -224,9 +229,24 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
                 "however often they are sent (the body of a repeat is not compared)",
             ),
         ] = None,
+        postroom_callback_url: Annotated[
+            str | None,
+            Header(
+                min_length=1,
+                max_length=2000,
+                description="a URL the reply is POSTed to, signed, once it is in, whatever this "
+                "response was; it must start with one of POSTROOM_CALLBACK_ALLOW (422 otherwise). "
+                "A repeat with an Idempotency-Key whose reply is stored sends nothing again",
+            ),
+        ] = None,
     ) -> JSONResponse:
         """Register an asset: the RegisterAsset command, waited for briefly."""
         command = RegisterAsset(**body.model_dump())
+        if postroom_callback_url is not None:
+            try:
+                webhooks.allowed(postroom_callback_url, config)
+            except CallbackRefused as refused:
+                return JSONResponse({"detail": str(refused)}, status_code=422)
         message_id = None
         reply = None
         if idempotency_key is not None:
@@ -234,7 +254,7 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
             # A repeat whose outcome is stored gets it without sending anything again.
             reply = _stored_reply(bus, message_id)
         if reply is None:
-            pending = bus.send(command, message_id=message_id)
+            pending = bus.send(command, message_id=message_id, callback_url=postroom_callback_url)
             try:
                 reply = pending.reply(timeout=config.api_reply_wait)
             except ReplyTimeout:

@@ -3,7 +3,7 @@
 A Celery worker (postroom._celery) and the in-memory harness (postroom.testing) run the same
 steps, so what a handler test proves about dedupe, retries and commits holds on a real broker.
 Add your own step with ``postroom.install(app, settings, steps=[...])``: your steps run around
-the handler call, inside Breaker, Throttle, Retry and Commit, outermost first (see the README, "The
+the handler call, inside Breaker, Throttle, Retry, Commit and Webhook, outermost first (see the README, "The
 handling pipeline").
 """
 
@@ -36,6 +36,7 @@ from postroom.pipeline.steps import (
     Validate,
     VerifySignature,
 )
+from postroom.pipeline.webhook import Webhook
 
 __all__ = [
     "Breaker",
@@ -53,6 +54,7 @@ __all__ = [
     "Runtime",
     "Step",
     "Throttle",
+    "Webhook",
     "default_steps",
     "kind_of",
 ]
@@ -76,6 +78,7 @@ def default_steps(extra: Sequence[Step] = ()) -> list[Step]:
         Throttle(),
         Retry(),
         Commit(),
+        Webhook(),
         *extra,
         Run(),
     ]

@@ -25,6 +25,8 @@ class HandlerContext:
         self._transaction: Any = None
         #: what this run sent or published, to be recorded with its writes
         self.outbox: list[Entry] = []
+        #: what carries this run's reply on (a callback): committed even with a rejection
+        self.replies: list[Entry] = []
 
     @property
     def message_id(self) -> str:
@@ -108,7 +110,8 @@ class HandlerContext:
 
     def commit(self, outcome: dict[str, Any], *, effects: bool = True) -> bool:
         """Apply the writes and the outbox with the inbox mark; False if a concurrent copy
-        committed first. Without ``effects`` (a rejection) only the mark is recorded."""
+        committed first. Without ``effects`` (a rejection) only the mark is recorded, and what
+        carries the reply on."""
         delivery = self._delivery
         inbox = delivery.store
         ids = list(dict.fromkeys([delivery.inbox_id, self.message_id]))
@@ -116,4 +119,5 @@ class HandlerContext:
         if not effects:
             inbox.discard(tx)
             tx, self.outbox = None, []
+        self.outbox += self.replies
         return inbox.settle(tx, self.owner, ids, outcome, self.outbox)

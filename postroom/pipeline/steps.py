@@ -2,12 +2,12 @@
 
 ```
  Trace ─ Log ─ Callback ─ DeadLetter ─ Decode ─ VerifySignature ─ Upcast ─ Validate ─ Park
-   ─ Dedupe ─ PoisonGuard ─ Breaker ─ Throttle ─ Retry ─ Commit ─ [your steps] ─ Run
+   ─ Dedupe ─ PoisonGuard ─ Breaker ─ Throttle ─ Retry ─ Commit ─ Webhook ─ [your steps] ─ Run
 ```
 
 (Breaker is postroom.pipeline.breaker, Throttle postroom.pipeline.ratelimit, Park
-postroom.pipeline.parking, Callback postroom.pipeline.callback.) A step is called with the
-delivery and the rest of the pipeline (``call_next``); it may act
+postroom.pipeline.parking, Callback postroom.pipeline.callback, Webhook postroom.pipeline.webhook.)
+A step is called with the delivery and the rest of the pipeline (``call_next``); it may act
 before, after, or instead of calling it. An inner step that cannot go on raises ``GiveUp`` with
 a reason, and DeadLetter keeps the message with that reason.
 """
@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from postroom import tracing
+from postroom import tracing, webhooks
 from postroom.errors import InvalidMessage, Rejected
 from postroom.headers import PREFIX, REPLAY, Envelope, uuid7
 from postroom.messages import CommandFailed, ErrorInfo, Reply, upcast
@@ -191,6 +191,11 @@ class DeadLetter(Step):
             )
         status: Status = "rejected" if refused else "failed"
         answer = None if delivery.one_way else reply(delivery, status, error=error)
+        url = webhooks.callback_url(delivery.headers)
+        if delivery.kind == "command" and answer is not None and url and envelope is not None:
+            # no commit carries this reply: sent now, under the ID the Webhook step would use
+            message_id, callback = webhooks.callback_for(envelope.message_id, url, answer)
+            runtime.bus.send(callback, causation_id=envelope.message_id, message_id=message_id)
         return Outcome(status, reply=answer, error=error)
 
 
