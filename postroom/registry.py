@@ -59,15 +59,11 @@ class Registry:
 
     def add_subscriber(self, handler: Handler) -> None:
         """Record a pool's handler of an event type; one per (event type, pool), any number of pools."""
-        key = (handler.contract.__message_type__, handler.owner)
-        existing = self._subscribers.get(key)
-        if existing is not None and existing.where != handler.where:
-            raise DuplicateHandler(
-                f"pool {handler.owner!r} already handles {key[0]} with {existing.where}; "
-                f"{handler.where} cannot too. Do both things in one handler, or subscribe the "
-                "second from another pool (each pool gets its own copy of every event)"
-            )
-        self._subscribers[key] = handler
+        _add_once(
+            self._subscribers, handler, "handles",
+            "Do both things in one handler, or subscribe the second from another pool (each pool "
+            "gets its own copy of every event)",
+        )  # fmt: skip
 
     def subscriber(self, event_type: str, pool: str) -> Handler | None:
         return self._subscribers.get((event_type, pool))
@@ -85,14 +81,10 @@ class Registry:
 
     def add_reply_handler(self, handler: Handler) -> None:
         """Record a pool's handler of the replies to a command or query type; one per pool."""
-        key = (handler.contract.__message_type__, handler.owner)
-        existing = self._reply_handlers.get(key)
-        if existing is not None and existing.where != handler.where:
-            raise DuplicateHandler(
-                f"pool {handler.owner!r} already receives {key[0]} with {existing.where}; "
-                f"{handler.where} cannot too. Handle both cases in one @on_reply handler"
-            )
-        self._reply_handlers[key] = handler
+        _add_once(
+            self._reply_handlers, handler, "receives",
+            "Handle both cases in one @on_reply handler",
+        )  # fmt: skip
 
     def reply_handler(self, reply_type: str, pool: str) -> Handler | None:
         return self._reply_handlers.get((reply_type, pool))
@@ -127,3 +119,18 @@ class Registry:
 
 
 registry = Registry()
+
+
+def _add_once(
+    table: dict[tuple[str, str], Handler], handler: Handler, verb: str, advice: str
+) -> None:
+    """Record a pool's handler of a message type, one per (type, pool); the same function
+    registered again (a module imported twice) is no duplicate."""
+    key = (handler.contract.__message_type__, handler.owner)
+    existing = table.get(key)
+    if existing is not None and existing.where != handler.where:
+        raise DuplicateHandler(
+            f"pool {handler.owner!r} already {verb} {key[0]} with {existing.where}; "
+            f"{handler.where} cannot too. {advice}"
+        )
+    table[key] = handler
