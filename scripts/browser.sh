@@ -21,6 +21,8 @@ fi
 
 echo "browser: installing Debian's chromium and chromium-driver"
 export DEBIAN_FRONTEND=noninteractive
+# An install cut short (a killed run) leaves dpkg half-configured, and apt refuses until it is finished.
+"${as_root[@]}" dpkg --configure -a
 "${as_root[@]}" apt-get update -qq
 "${as_root[@]}" apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 echo "browser: $(chromium --version 2>/dev/null | head -n1) and chromedriver are installed"

@@ -43,9 +43,13 @@ BREAKER = f"{SERVICE}:{CallDownstream.__message_type__}"
 
 @pytest.fixture(scope="module")
 def bus(broker: BrokerContext) -> MessageBus:
-    for name in ("probe", "probe-twin"):
-        broker.start_worker(Pool(name, ("commands.probe",), concurrency=PROCESSES // 2))
-    broker.start_worker(Pool("pool_a", ("events.pool_a",), concurrency=1))
+    broker.start_workers(
+        *(
+            Pool(name, ("commands.probe",), concurrency=PROCESSES // 2)
+            for name in ("probe", "probe-twin")
+        ),
+        Pool("pool_a", ("events.pool_a",), concurrency=1),
+    )
     return MessageBus(broker.app, source="tests")
 
 

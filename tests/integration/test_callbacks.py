@@ -30,8 +30,9 @@ def flower(broker: BrokerContext) -> Iterator[Flower]:
 @pytest.fixture(scope="module")
 def bus(broker: BrokerContext, flower: Flower) -> MessageBus:
     broker.env[COUNT_DELIVERIES] = "1"  # to see the reply's duplicate reach the asker's worker
-    for service in (ASKER, ORACLE):
-        broker.start_worker(Pool(service, (f"commands.{service}",), concurrency=1))
+    broker.start_workers(
+        *(Pool(service, (f"commands.{service}",), concurrency=1) for service in (ASKER, ORACLE))
+    )
     return MessageBus(broker.app, source="tests")
 
 

@@ -71,8 +71,7 @@ def test_killing_every_worker_loses_no_message_waiting_in_backoff(
     replies = [p.reply(timeout=30) for p in retried]
     assert {r.status for r in replies} == {"succeeded"}
     assert max(flaky_runs(broker, keys)) == 2
-    for pool in pools.values():
-        broker.start_worker(pool)
+    broker.start_workers(*pools.values())
 
 
 def test_a_retried_event_waits_in_backoff_and_reaches_only_the_failing_pool_again(

@@ -118,9 +118,10 @@ def tracer(collector: Collector) -> Iterator[trace.Tracer]:
 @pytest.fixture(scope="module")
 def bus(broker: BrokerContext, collector: Collector) -> MessageBus:
     broker.env.update(OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint, OTEL_BSP_SCHEDULE_DELAY="100")
-    broker.start_worker(Pool("probe", ("commands.probe",), concurrency=1))
-    for pool in ("pool_a", "pool_b"):
-        broker.start_worker(Pool(pool, (f"events.{pool}",), concurrency=1))
+    broker.start_workers(
+        Pool("probe", ("commands.probe",), concurrency=1),
+        *(Pool(pool, (f"events.{pool}",), concurrency=1) for pool in ("pool_a", "pool_b")),
+    )
     return MessageBus(broker.app, source="tests")
 
 
@@ -223,9 +224,9 @@ def test_postroom_trace_of_an_unknown_id_says_so_and_fails() -> None:
 def test_an_http_request_is_the_root_of_its_commands_trace(
     bus: MessageBus, broker: BrokerContext, collector: Collector
 ) -> None:
-    broker.start_worker(pool_named("assets"))
-    for pool in ("search", "analytics", "notifications"):
-        broker.start_worker(pool_named(pool))
+    broker.start_workers(
+        *(pool_named(pool) for pool in ("assets", "search", "analytics", "notifications"))
+    )
     server = ApiServer(broker, "tracing", reply_wait="10")
     try:
         server.wait_until_serving()

@@ -59,9 +59,7 @@ def observer(postgres: PrivatePostgres) -> Iterator[Engine]:
 
 @pytest.fixture
 def bus(broker: BrokerContext) -> MessageBus:
-    for name in SUBSCRIBERS:
-        broker.start_worker(pool_named(name))
-    broker.start_worker(pool_named("assets"))
+    broker.start_workers(*(pool_named(name) for name in (*SUBSCRIBERS, "assets")))
     return MessageBus(broker.app, source="tests")
 
 

@@ -19,9 +19,10 @@ pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
 @pytest.fixture(scope="module")
 def bus(broker: BrokerContext) -> MessageBus:
-    broker.start_worker(Pool("probe", ("commands.probe",), concurrency=1))
-    for pool in POOLS:
-        broker.start_worker(Pool(pool, ("events." + pool,), concurrency=1))
+    broker.start_workers(
+        Pool("probe", ("commands.probe",), concurrency=1),
+        *(Pool(pool, ("events." + pool,), concurrency=1) for pool in POOLS),
+    )
     return MessageBus(broker.app, source="tests")
 
 

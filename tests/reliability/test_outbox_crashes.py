@@ -60,9 +60,7 @@ def assets_workers(broker: BrokerContext) -> list[WorkerProcess]:
     """The assets worker (its pool's processes; one worker per pool and host, as node names
     are per pool and RabbitMQ refuses a second one) and one worker per subscriber pool. The
     list holds the assets worker alive now."""
-    for name in SUBSCRIBERS:
-        broker.start_worker(pool_named(name))
-    return [broker.start_worker(ASSETS)]
+    return broker.start_workers(*(pool_named(name) for name in SUBSCRIBERS), ASSETS)[-1:]
 
 
 @pytest.fixture

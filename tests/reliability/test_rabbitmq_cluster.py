@@ -3,7 +3,7 @@ names, ports, epmd and Erlang cookie; every node stopped by the PIDs it started)
 queues replicated on every node.
 
 Given every node's URL, ``;``-separated as Celery's convention has it, workers and senders connect to
-a node that answers. Under load, 3,000 commands (plain, partitioned, some waiting in retry backoff in
+a node that answers. Under load, 1,500 commands (plain, partitioned, some waiting in retry backoff in
 the delay queues) and the events they cause go through the death (kill -9) of the node that leads
 the queues, a third of the way through the sends, and, in another cluster, of a follower: every
 command whose send returned has one effect and one reply, every event one delivery per pool, every
@@ -43,9 +43,9 @@ from tests.private_brokers import PrivateRabbitMQ, PrivateRabbitMQCluster
 from tests.support import BrokerContext, broker_context, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(420)]
-#: 1,500 counts (a third fail once, so wait in backoff), 900 announcements (3 pools each), and 20
-#: partition keys of 30 in-order commands (some retried in place): 3,000 commands
-COUNTS, ANNOUNCES, KEYS, PER_KEY = 1500, 900, 20, 30
+#: 750 counts (a third fail once, so wait in backoff), 450 announcements (3 pools each), and 20
+#: partition keys of 15 in-order commands (some retried in place): 1,500 commands
+COUNTS, ANNOUNCES, KEYS, PER_KEY = 750, 450, 20, 15
 SETTINGS = {
     # a node's death fails the sends and dispatches in flight: retried, within a wide budget
     "max_retries": "20",
@@ -77,7 +77,7 @@ def test_a_worker_and_a_sender_given_every_node_use_one_that_answers_when_the_fi
         context.close()
 
 
-def test_3000_commands_and_their_events_survive_the_death_of_the_node_leading_the_queues(
+def test_1500_commands_and_their_events_survive_the_death_of_the_node_leading_the_queues(
     cluster: PrivateRabbitMQCluster, tmp_path: Path
 ) -> None:
     """Without retries in backoff: on RabbitMQ 3.10.8 (this machine's) a quorum delay queue whose
@@ -92,7 +92,7 @@ def test_3000_commands_and_their_events_survive_the_death_of_the_node_leading_th
     )
 
 
-def test_3000_commands_and_their_events_survive_the_death_of_a_follower_node(
+def test_1500_commands_and_their_events_survive_the_death_of_a_follower_node(
     cluster: PrivateRabbitMQCluster, tmp_path: Path
 ) -> None:
     def follower(leaders: Counter[str]) -> str:
@@ -258,10 +258,11 @@ def _survive_a_node_death(
 def _start_pools(context: BrokerContext) -> None:
     """The probe service, the partitioned service, and one pool per subscriber of its events;
     the first worker to start declares the queues, on the first node: their leaders are there."""
-    context.start_worker(Pool("probe", ("commands.probe",), concurrency=2))
-    context.start_worker(Pool(ORDERED, (f"commands.{ORDERED}",), concurrency=1))
-    for name in POOLS:
-        context.start_worker(Pool(name, ("events." + name,), concurrency=1))
+    context.start_workers(
+        Pool("probe", ("commands.probe",), concurrency=2),
+        Pool(ORDERED, (f"commands.{ORDERED}",), concurrency=1),
+        *(Pool(name, ("events." + name,), concurrency=1) for name in POOLS),
+    )
 
 
 def _leaders(cluster: PrivateRabbitMQCluster) -> Counter[str]:

@@ -1,4 +1,4 @@
-"""The soak run, small: 5,000 commands and 5,000 events, nothing lost, nothing doubled."""
+"""The soak run, small: 2,000 commands and 2,000 events, nothing lost, nothing doubled."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(400)]
 SETTINGS = {"imports": "bench.services"}
 
 
-def test_5000_commands_and_5000_events_each_have_exactly_one_effect(broker: BrokerContext) -> None:
-    result = run(broker, commands=5000, events=5000, timeout=300)
+def test_2000_commands_and_2000_events_each_have_exactly_one_effect(broker: BrokerContext) -> None:
+    result = run(broker, commands=2000, events=2000, timeout=300)
     print(result.report())
     for owner in result.sent:
         assert result.lost(owner) == 0, owner
