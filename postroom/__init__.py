@@ -6,6 +6,7 @@ from postroom.errors import (
     CallbackFailed,
     CallbackRefused,
     CircuitOpen,
+    ConcurrentUpdate,
     ContractError,
     DuplicateHandler,
     InvalidMessage,
@@ -13,6 +14,7 @@ from postroom.errors import (
     NotInstalled,
     OutOfLine,
     PostroomError,
+    ProcessNotFound,
     RateLimited,
     Rejected,
     ReplyTimeout,
@@ -35,6 +37,7 @@ from postroom.messages import (
     upcaster,
 )
 from postroom.pipeline import Delivery, HandlerContext, Outcome, Step
+from postroom.processes import CORRELATION, ProcessContext, ProcessManager
 from postroom.ratelimits import RateLimit
 from postroom.retries import RetryPolicy
 from postroom.settings import Settings
@@ -44,6 +47,7 @@ from postroom.webhooks import DeliverWebhook
 bus = MessageBus()
 
 __all__ = [
+    "CORRELATION",
     "CallbackFailed",
     "CallbackRefused",
     "CircuitBreaker",
@@ -51,6 +55,7 @@ __all__ = [
     "CircuitOpen",
     "CircuitOpened",
     "Command",
+    "ConcurrentUpdate",
     "ContractError",
     "DeliverWebhook",
     "Delivery",
@@ -68,6 +73,9 @@ __all__ = [
     "Outcome",
     "PendingReply",
     "PostroomError",
+    "ProcessContext",
+    "ProcessManager",
+    "ProcessNotFound",
     "Query",
     "RateLimit",
     "RateLimited",

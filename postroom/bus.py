@@ -1,13 +1,14 @@
 """The MessageBus: send a command, ask a query, publish an event; and wait for replies without polling.
 
-Commands and queries are sent by task name (``send_task``), so a sender needs the contract classes and
-nothing else. The task id is the command's correlation ID: the reply lands in the result backend
+Commands and queries are sent by task name (Celery's task protocol: on RabbitMQ through
+``send_task``, on Redis built and pushed in one round trip by postroom._celery.wire), so a sender
+needs the contract classes and nothing else. The task id is the command's correlation ID: the reply lands in the result backend
 under that key, where ``AsyncResult.get`` waits for it on Redis pub/sub.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from time import time
 from typing import Any
@@ -17,16 +18,19 @@ from celery import current_app
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 from celery.utils.nodenames import anon_nodename
-from kombu import Queue
+from kombu import Producer, Queue
 
 from postroom import tracing
 from postroom._celery import delays
 from postroom._celery.publishing import published
 from postroom._celery.wire import (
+    TaskMessage,
     bound_queues,
     event_message,
     gc_paused,
     publish_many,
+    retried,
+    send_one,
     task_message,
 )
 from postroom.errors import ReplyTimeout, Unsuccessful, WrongMessageKind
@@ -36,6 +40,7 @@ from postroom.install import installation
 from postroom.messages import Command, ErrorInfo, Event, Query, Reply, reply_type
 from postroom.partitions import partition_count, partition_of
 from postroom.registry import registry
+from postroom.schedules import due_time
 from postroom.signing import SIGNATURE, Signer, signer
 from postroom.topology import EVENTS_EXCHANGE, command_queue, partition_queue, queue_named
 from postroom.webhooks import CALLBACK_URL, allowed
@@ -112,6 +117,7 @@ class MessageBus:
         not_before: datetime | None = None,
         reply_to: str | None = None,
         callback_url: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> PendingReply:
         """Enqueue a command (or query) for the one service that owns it; returns at once.
 
@@ -131,13 +137,16 @@ class MessageBus:
 
         ``callback_url`` has a command's reply POSTed there, signed, once it is settled
         (postroom.webhooks); CallbackRefused unless it is on POSTROOM_CALLBACK_ALLOW.
+
+        ``headers``: postroom headers of its own besides the envelope, signed with it (a process
+        instance's address, ``postroom.process``, which its reply carries back).
         """
         _check_sendable(command)
         if reply_to is not None:
             registry.check_reply_to(type(command), reply_to)
-        due = delays.due_time(delay, not_before)
+        due = due_time(delay, not_before)
         app = self.app
-        extra: dict[str, str] = {}
+        extra: dict[str, str] = dict(headers or {})
         if callback_url is not None:
             if not isinstance(command, Command):
                 raise WrongMessageKind("a callback carries a command's reply: ask queries")
@@ -157,17 +166,23 @@ class MessageBus:
             headers = delays.with_due(headers, due)
             options = delays.route(_is_redis(app), queue.name, due, installation(app).queue_type)
         what = f"command {pending.message_id}"
-        with published(what, _retries(app)):  # Celery declares the queue, then sends
-            app.send_task(
-                pending.envelope.message_type,
-                kwargs=payload,
-                task_id=pending.correlation_id,
-                headers=headers,
-                root_id=pending.correlation_id,
-                parent_id=causation_id,
-                argsrepr=pending.envelope.summary(),
-                **options,
-            )
+        with published(what, _retries(app)):  # the queue is declared, then the message sent
+            if _is_redis(app):
+                message = _command_message(app, pending, payload, headers, causation_id)
+                announce = installation(app).settings.task_sent_events
+                with app.producer_or_acquire() as producer:
+                    send_one(app, producer, options["queue"], message, announce=announce)
+            else:  # RabbitMQ's publisher confirm is the wait; Celery's send costs little beside it
+                app.send_task(
+                    pending.envelope.message_type,
+                    kwargs=payload,
+                    task_id=pending.correlation_id,
+                    headers=headers,
+                    root_id=pending.correlation_id,
+                    parent_id=causation_id,
+                    argsrepr=pending.envelope.summary(),
+                    **options,
+                )
         return pending
 
     def send_many(self, commands: Sequence[Command | Query]) -> list[PendingReply]:
@@ -185,20 +200,7 @@ class MessageBus:
             prepared = [self._prepare(app, command, None, None, sign) for command in commands]
             origin = anon_nodename()
             messages = [
-                (
-                    queue,
-                    task_message(
-                        app,
-                        pending.envelope.message_type,
-                        pending.correlation_id,
-                        payload,
-                        headers,
-                        root_id=pending.correlation_id,
-                        parent_id=None,
-                        argsrepr=pending.envelope.summary(),
-                        origin=origin,
-                    ),
-                )
+                (queue, _command_message(app, pending, payload, headers, None, origin=origin))
                 for pending, payload, headers, queue in prepared
             ]
             what = f"{len(messages)} commands (send_many)"
@@ -233,11 +235,20 @@ class MessageBus:
         extra = {**(extra or {}), **({REPLY_TO: reply_to} if reply_to else {})}
         return pending, payload, _headers(envelope, payload, sign, extra=extra), queue
 
-    def send_reply(self, reply: Reply, *, pool: str, message_id: str, source: str) -> None:
+    def send_reply(
+        self,
+        reply: Reply,
+        *,
+        pool: str,
+        message_id: str,
+        source: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Deliver ``reply`` as a message to ``pool``'s ``@on_reply`` handler, on its
         ``commands.<pool>`` queue: what a worker does once it has answered a command or query
         sent with ``reply_to`` (postroom.pipeline.callback). Its envelope carries the answered
-        message's correlation ID, and its message ID as the causation ID."""
+        message's correlation ID, and its message ID as the causation ID; ``headers`` those of
+        the answered message's own that the reply carries back (postroom.processes)."""
         app = self.app
         envelope = Envelope.new(
             reply_type(reply.message_type or ""),
@@ -248,7 +259,9 @@ class MessageBus:
             message_id=message_id,
         )
         payload = reply.model_dump(mode="json")
-        headers = _headers(envelope, payload, signer(app), extra={REPLY_TO: pool})
+        headers = _headers(
+            envelope, payload, signer(app), extra={**(headers or {}), REPLY_TO: pool}
+        )
         installed = installation(app)
         queue = command_queue(pool, installed.queue_type, delivery_limit=installed.delivery_limit)
         with published(f"reply {message_id}", _retries(app)):
@@ -313,7 +326,7 @@ class MessageBus:
             causation_id=causation_id,
             message_id=message_id,
         )
-        due = delays.due_time(delay, not_before)
+        due = due_time(delay, not_before)
         app = self.app
         payload = event.payload()
         headers = _headers(envelope, payload, signer(app), "publish")
@@ -323,10 +336,14 @@ class MessageBus:
         what = f"event {envelope.message_id}"
         with published(what, _retries(app)), app.producer_or_acquire() as producer:
             if producer.connection.transport.driver_type == "redis":
-                # One copy per bound pool queue, addressed to that queue alone (see topology).
-                bound = bound_queues(producer, EVENTS_EXCHANGE.name, message_type)
                 message = event_message(app, envelope, payload, headers)
-                publish_many(producer, [(queue_named(queue), message) for queue in bound])
+
+                def copies(producer: Producer) -> None:
+                    # One per bound pool queue, addressed to that queue alone (see topology).
+                    bound = bound_queues(producer, EVENTS_EXCHANGE.name, message_type)
+                    publish_many(producer, [(queue_named(queue), message) for queue in bound])
+
+                retried(app, producer, copies)
             else:
                 message = app.amqp.create_task_message(
                     envelope.message_id,
@@ -365,6 +382,30 @@ def _retries(app: celery.Celery) -> int:
 
 def _is_redis(app: celery.Celery) -> bool:
     return installation(app).settings.broker_is_redis
+
+
+def _command_message(
+    app: celery.Celery,
+    pending: PendingReply,
+    payload: dict[str, Any],
+    headers: dict[str, Any],
+    causation_id: str | None,
+    *,
+    origin: str | None = None,
+) -> TaskMessage:
+    """A command's task message as ``send`` and ``send_many`` build it: its task ID and root are
+    the correlation ID, its parent the message that caused it."""
+    return task_message(
+        app,
+        pending.envelope.message_type,
+        pending.correlation_id,
+        payload,
+        headers,
+        root_id=pending.correlation_id,
+        parent_id=causation_id,
+        argsrepr=pending.envelope.summary(),
+        origin=origin,
+    )
 
 
 def _check_sendable(command: object) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 __all__ = [
     "CircuitOpen",
     "CircuitOpenReply",
+    "ConcurrentUpdate",
     "ConfigurationError",
     "ContractError",
     "DuplicateHandler",
@@ -19,6 +20,7 @@ __all__ = [
     "InvalidSchedule",
     "NotInstalled",
     "PostroomError",
+    "ProcessNotFound",
     "QueueTypeMismatch",
     "Rejected",
     "RejectedReply",
@@ -85,6 +87,16 @@ class Rejected(PostroomError):
 
 class TransientError(PostroomError):
     """Raised by a handler for a failure worth retrying (with backoff) before giving up."""
+
+
+class ConcurrentUpdate(TransientError):
+    """Another message of the same process instance committed first: this run's writes are
+    discarded and it runs again, at once, against the instance as that message left it."""
+
+
+class ProcessNotFound(TransientError):
+    """A message for a process instance that has not started (its starting message may still
+    be on its way): retried with backoff, then dead-lettered."""
 
 
 class CallbackFailed(TransientError):

@@ -32,6 +32,9 @@ REPLAY = PREFIX + "replay"
 #: on a command or query sent with ``reply_to``, and on the reply message it causes: the service or
 #: pool whose ``@on_reply`` handler receives the reply (see postroom.pipeline.callback)
 REPLY_TO = PREFIX + "reply_to"
+#: on what a process manager's instance sends (postroom.processes), and on the reply it causes:
+#: ``<process>:<key>``, the instance that the reply, or its own scheduled message, returns to
+PROCESS = PREFIX + "process"
 
 
 def uuid7() -> str:

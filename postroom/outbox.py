@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -49,6 +49,11 @@ class Entry:
     at: float = field(default_factory=time.time)
     #: a command's or query's: the pool its reply goes to (postroom.pipeline.callback)
     reply_to: str | None = None
+    #: a command's: when it is due (seconds since the epoch), held by the broker until then
+    due: float | None = None
+    #: postroom headers it carries besides the envelope (a process instance's address, which
+    #: its reply carries back: postroom.processes)
+    headers: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), default=str)
@@ -108,9 +113,15 @@ class Relay:
     """Dispatches committed entries through the bus, then removes them from the store: at once,
     or in batches if given ``removals``."""
 
-    def __init__(self, bus: Publisher, removals: Removals | None = None) -> None:
+    def __init__(
+        self,
+        bus: Publisher,
+        removals: Removals | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.bus = bus
         self.removals = removals
+        self.clock = clock  # what an entry's due time is measured on (the harness's is fake)
 
     def dispatch(self, store: InboxStore, owner: str, entries: Sequence[Entry]) -> None:
         """Once the reply is out (the Commit step defers it there: the reply need not wait for
@@ -171,9 +182,13 @@ class Relay:
             )
         else:
             assert isinstance(message, Command | Query)
+            # due already (a sweep sends it late, or it was never delayed): sent at once
+            delay = None if entry.due is None else max(0.0, entry.due - self.clock())
             self.bus.send(
                 message,
                 causation_id=entry.causation_id,
                 message_id=entry.message_id,
                 reply_to=entry.reply_to,
+                delay=delay,
+                headers=entry.headers or None,
             )

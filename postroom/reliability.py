@@ -23,9 +23,12 @@ from typing import Any
 import redis
 
 from postroom._celery.redispy import take_queued
+from postroom.errors import ConcurrentUpdate
 from postroom.headers import uuid7
+from postroom.instances import Instance
 from postroom.outbox import Entry
 from postroom.parking import RedisLines
+from postroom.stores.redis_instances import RedisInstances
 
 
 def derived_id(parent: str, n: int | str) -> str:
@@ -84,9 +87,15 @@ return {false, runs}
 """
 
 
+#: ARGV: the inbox mark's key, the number of guards, each guard's hash and the version it must
+#: still be at (a process instance, postroom.stores.redis_instances), then the queued commands
 _COMMIT = """
 if redis.call('EXISTS', ARGV[1]) == 1 then return 0 end
-local i = 2
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  if (redis.call('HGET', ARGV[i], 'version') or '0') ~= ARGV[i + 1] then return -1 end
+  i = i + 2
+end
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + n))
@@ -115,6 +124,7 @@ class Inbox:
     def __init__(self, config: Reliability) -> None:
         self.config = config
         self.client = config.client
+        self.processes = RedisInstances(self.client, config.namespace, config.inbox_retention)
 
     def _key(self, kind: str, owner: str, message_id: str) -> str:
         return f"{self.config.namespace}:inbox:{kind}:{owner}:{message_id}"
@@ -154,17 +164,20 @@ class Inbox:
         message_ids: list[str],
         outcome: dict[str, Any],
         outbox: Sequence[Entry] = (),
+        *,
+        instances: Sequence[Instance] = (),
     ) -> bool:
-        """Mark every ID handled, with the writes queued on ``tx`` (if any) and the outbox
-        entries, in one atomic step."""
+        """Mark every ID handled, with the writes queued on ``tx`` (if any), the outbox
+        entries and the process instances, in one atomic step."""
         tx = self.transaction() if tx is None else tx
         for entry in outbox:
             member = f"{owner}|{entry.message_id}"
             tx.hset(self._outbox, member, entry.to_json())
             tx.zadd(self._outbox_due, {member: entry.at})
+        guards = [self.processes.write(tx, instance) for instance in instances]
         for message_id in message_ids:
             self.mark(tx, owner, message_id, outcome)
-        return self.commit(tx, owner, message_ids[0])
+        return self.commit(tx, owner, message_ids[0], guards)
 
     def discard(self, tx: Any) -> None:
         if tx is not None:
@@ -205,19 +218,30 @@ class Inbox:
     def done_key(self, owner: str, message_id: str) -> str:
         return self._key("done", owner, message_id)
 
-    def commit(self, pipe: Any, owner: str, message_id: str) -> bool:
+    def commit(
+        self, pipe: Any, owner: str, message_id: str, guards: Sequence[tuple[str, str]] = ()
+    ) -> bool:
         """Apply the writes queued on ``pipe`` (a handler's, and the mark) in one atomic step,
         unless the message is marked handled already; False then, and nothing is written.
+        ``guards``: (hash, version) pairs of process instances that must still be at the
+        version loaded; ConcurrentUpdate, and nothing is written, if one is not.
 
         Two copies of a message can run at once (a duplicate send, a redelivery) and both pass
         ``begin``; this check, inside the same script as the writes, lets only one commit. One
         round trip, as a MULTI/EXEC would be, where WATCH would cost two more.
         """
-        args: list[Any] = [self._key("done", owner, message_id)]
+        args: list[Any] = [self._key("done", owner, message_id), len(guards)]
+        for guard in guards:
+            args.extend(guard)
         for command in take_queued(self.client, pipe):
             args.append(len(command))
             args.extend(command)
-        return bool(self._commit(args=args))
+        won = int(self._commit(args=args))
+        if won < 0:
+            raise ConcurrentUpdate(
+                f"a process instance of {owner} changed since {message_id} loaded it"
+            )
+        return bool(won)
 
     @cached_property
     def _commit(self) -> Any:
@@ -231,6 +255,12 @@ class Inbox:
     def runs(self, owner: str, message_id: str) -> int:
         """Runs begun and not ended: a run in progress, or runs that died with their worker."""
         return int(self.client.get(self._key("runs", owner, message_id)) or 0)
+
+    def instance(self, process: str, key: str) -> Instance | None:
+        return self.processes.get(process, key)
+
+    def instances(self, process: str, *, running: bool = True, limit: int = 100) -> list[Instance]:
+        return self.processes.list(process, running=running, limit=limit)
 
     @cached_property
     def _begin(self) -> Any:

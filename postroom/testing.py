@@ -30,6 +30,7 @@ import itertools
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -39,14 +40,17 @@ import redis
 from postroom.breakers import Breakers, MemoryBreakers
 from postroom.errors import InvalidMessage, ReplyTimeout, WrongMessageKind
 from postroom.headers import REPLY_TO, Envelope
+from postroom.instances import Instance
 from postroom.messages import Command, Event, Message, Query, Reply, reply_type
 from postroom.parking import purge_one, redrive_all, redrive_one
 from postroom.partitions import partition_of
 from postroom.pipeline import Delivery, Pipeline, Runtime, Step, default_steps, kind_of
+from postroom.processes import ProcessManager, manager_named
 from postroom.ratelimits import RESERVATION, MemoryRateLimits
 from postroom.registry import registry
 from postroom.reliability import DeadLetter
 from postroom.retries import RetryPolicy
+from postroom.schedules import due_time
 from postroom.signing import SIGNATURE, Signer
 from postroom.stores import InboxStore
 from postroom.stores.memory import MemoryDeadLetters, MemoryInbox
@@ -178,12 +182,17 @@ class Harness:
         message_id: str | None = None,
         reply_to: str | None = None,
         callback_url: str | None = None,
+        delay: float | None = None,
+        not_before: datetime | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Sent:
         """Queue a command or query for its owner, as ``bus.send`` does; nothing runs yet.
 
         With ``reply_to``, its reply is also delivered to that pool's ``@on_reply`` handler.
         With ``callback_url``, the reply's ``DeliverWebhook`` is kept in ``webhooks`` (nothing
-        is POSTed, and no allow-list applies: the harness has no settings).
+        is POSTed, and no allow-list applies: the harness has no settings). ``delay`` or
+        ``not_before`` makes it due then, on the harness's fake clock, which reads seconds since
+        the epoch and starts at 0 (1970): ``run()`` moves it forward to the due time.
         """
         if not isinstance(command, Command | Query):
             raise WrongMessageKind(
@@ -192,14 +201,16 @@ class Harness:
         contract = type(command)
         if reply_to is not None:
             registry.check_reply_to(contract, reply_to)
+        due = due_time(delay, not_before, self.clock.now)
         envelope = self._envelope(contract, correlation_id, causation_id, message_id, self.source)
         if isinstance(command, DeliverWebhook):
             self.webhooks.append(command)
             return Sent(self, envelope)
-        extra: dict[str, Any] = {REPLY_TO: reply_to} if reply_to else {}
+        extra: dict[str, Any] = dict(headers or {})
+        if reply_to:
+            extra[REPLY_TO] = reply_to
         if callback_url is not None:
             extra[CALLBACK_URL] = callback_url
-        headers = self._headers(envelope, command, extra)
         handler = registry.owner_of(contract.__message_type__)
         owner = handler.owner if handler else contract.__service__
         self._enqueue(
@@ -211,14 +222,23 @@ class Harness:
                 queue=self._queue_of(command, owner),
                 name=contract.__message_type__,
                 task_id=envelope.correlation_id,
-                headers=headers,
+                headers=self._headers(envelope, command, extra),
                 args=(),
                 body=_wire(command),
-            )
+            ),
+            delay=0.0 if due is None else max(0.0, due - self.clock.now),
         )
         return Sent(self, envelope)
 
-    def send_reply(self, reply: Reply, *, pool: str, message_id: str, source: str) -> None:
+    def send_reply(
+        self,
+        reply: Reply,
+        *,
+        pool: str,
+        message_id: str,
+        source: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Queue a reply's delivery to ``pool``'s ``@on_reply`` handler, as ``bus.send_reply``
         does (a worker, for a message sent with ``reply_to``)."""
         message_type = reply_type(reply.message_type or "")
@@ -231,9 +251,9 @@ class Harness:
             message_id=message_id,
         )
         body = reply.model_dump(mode="json")
-        headers = envelope.to_headers() | {REPLY_TO: pool}
+        sent = envelope.to_headers() | dict(headers or {}) | {REPLY_TO: pool}
         if self.signer is not None:
-            headers[SIGNATURE] = self.signer.sign(message_type, body, headers)
+            sent[SIGNATURE] = self.signer.sign(message_type, body, sent)
         self._enqueue(
             Delivery(
                 runtime=self.runtime,
@@ -243,7 +263,7 @@ class Harness:
                 queue=command_queue_name(pool),
                 name=message_type,
                 task_id=message_id,
-                headers=headers,
+                headers=sent,
                 args=(),
                 body=body,
             )
@@ -311,13 +331,15 @@ class Harness:
         """Delete a dead letter, as ``postroom dlq purge ID`` does (never a parked one alone)."""
         return purge_one(self._dead_letters, letter_id)
 
-    def run(self, max_messages: int = 10_000) -> int:
+    def run(self, max_messages: int = 10_000, *, until: float | None = None) -> int:
         """Handle queued messages in due order until none is left; the number handled.
 
-        A retry waiting for its backoff moves the fake clock forward instead of waiting.
+        A retry waiting for its backoff, or a scheduled message, moves the fake clock forward
+        instead of waiting. ``until`` (a time on that clock) stops at the messages due later,
+        and leaves the clock there: what a process manager does before its timeout fires.
         """
         handled = 0
-        while self._queue:
+        while self._queue and (until is None or self._queue[0].due <= until):
             if handled >= max_messages:
                 raise RuntimeError(
                     f"still {len(self._queue)} message(s) queued after {max_messages}: "
@@ -327,7 +349,15 @@ class Harness:
             self.clock.now = max(self.clock.now, queued.due)
             self._handle(queued.delivery)
             handled += 1
+        if until is not None:
+            self.clock.now = max(self.clock.now, until)
         return handled
+
+    def instance(self, process: ProcessManager[Any] | str, key: object) -> Instance | None:
+        """A process manager's instance (by manager or name, and key) as last committed: its
+        status, state, pending messages and steps (postroom.processes)."""
+        manager = manager_named(process) if isinstance(process, str) else process
+        return self.runtime.store(manager.pool).instance(manager.name, str(key))
 
     def events(self, of_type: type[Event] | None = None) -> list[Event]:
         """The events published so far, optionally of one type only."""

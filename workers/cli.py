@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from postroom import MessageBus, installation, schema
-from workers import breakers, dlq, events, trace
+from workers import breakers, dlq, events, processes, trace
 from workers.deployment import (
     Deployment,
     add_app_argument,
@@ -240,6 +240,7 @@ def parser() -> argparse.ArgumentParser:
     dlq.add_parser(sub)
     breakers.add_parser(sub)
     trace.add_parser(sub)
+    processes.add_parser(sub)
     events.add_parser(sub)
     return root
 
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         return events.run(deployment.app, args)
     if args.command == "trace":
         return trace.run(deployment.app, args)
+    if args.command == "processes":
+        return processes.run(deployment.app, args)
     code: int = args.run(args, deployment)
     return code
 

@@ -59,7 +59,6 @@ from kombu import Exchange, Queue
 from kombu.utils.json import dumps
 
 from postroom._celery.fetch import DOORBELL_TTL_MS, RING, doorbell
-from postroom.errors import InvalidSchedule
 from postroom.ratelimits import RESERVATION
 from postroom.topology import (
     EVENTS_EXCHANGE,
@@ -107,25 +106,6 @@ LEVELS: tuple[int, ...] = tuple(100 << k for k in range(22))
 
 #: where an event published with a delay waits, by level, before the events exchange fans it out
 DELAYED_EVENTS = Exchange("postroom.events.delayed", type="headers", durable=True)
-
-
-def due_time(delay: float | None, not_before: datetime | None) -> float | None:
-    """The due time of a message sent with ``delay`` seconds or ``not_before`` (at most one of
-    them; an aware datetime), as seconds since the epoch; None for a message due at once."""
-    if delay is not None and not_before is not None:
-        raise InvalidSchedule("give a delay or a not_before time, not both")
-    if delay is not None:
-        if not delay >= 0:  # also refuses NaN
-            raise InvalidSchedule(f"delay must be a number of seconds >= 0, not {delay!r}")
-        return time() + delay if delay > 0 else None
-    if not_before is not None:
-        if not isinstance(not_before, datetime) or not_before.utcoffset() is None:
-            raise InvalidSchedule(
-                f"not_before must be a timezone-aware datetime, not {not_before!r}: "
-                "use datetime.now(timezone.utc) + timedelta(...), say"
-            )
-        return not_before.timestamp()
-    return None
 
 
 def due_of(headers: Mapping[str, Any] | None) -> float | None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 
 from postroom.errors import SendFailed
-from postroom.headers import REPLY_TO
+from postroom.headers import PROCESS, REPLY_TO
 from postroom.messages import Reply
 from postroom.pipeline.delivery import Delivery, Outcome
 from postroom.pipeline.steps import Next, Step
@@ -53,12 +53,14 @@ class Callback(Step):
         if delivery.one_way or outcome.reply is None or envelope is None or not pool:
             return outcome
         reply = Reply.model_validate(outcome.reply)
+        process = delivery.headers.get(PROCESS)  # the process instance it returns to, if any
         try:
             delivery.runtime.bus.send_reply(
                 reply,
                 pool=str(pool),
                 message_id=reply_message_id(envelope.message_id),
                 source=delivery.owner,
+                headers={PROCESS: process} if isinstance(process, str) else None,
             )
         except SendFailed as exc:
             logger.warning(

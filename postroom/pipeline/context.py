@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from postroom.errors import WrongMessageKind
 from postroom.headers import Envelope
+from postroom.instances import Instance
 from postroom.messages import Command, Event, Query
 from postroom.outbox import Entry
 from postroom.pipeline.delivery import Delivery
 from postroom.registry import registry
 from postroom.reliability import derived_id
+from postroom.schedules import due_time
 
 
 class HandlerContext:
@@ -27,6 +30,8 @@ class HandlerContext:
         self.outbox: list[Entry] = []
         #: what carries this run's reply on (a callback): committed even with a rejection
         self.replies: list[Entry] = []
+        #: the process instances this run changed (postroom.processes), written with its writes
+        self.instances: list[Instance] = []
 
     @property
     def message_id(self) -> str:
@@ -54,14 +59,34 @@ class HandlerContext:
             )
         return self._record("event", event, self.correlation_id)
 
-    def send(self, command: Command | Query, *, reply_to: str | bool = False) -> str:
+    def send(
+        self,
+        command: Command | Query,
+        *,
+        reply_to: str | bool = False,
+        delay: float | None = None,
+        not_before: datetime | None = None,
+    ) -> str:
         """Send a command (or query) to its owner once this handling commits; its message ID.
 
         It starts a conversation of its own (its reply is stored under its message ID), caused
         by this message. ``reply_to`` delivers the reply, as a message, to that pool's
         ``@on_reply`` handler (True: this handler's own service or pool), so no worker waits
-        for it; ContractError at once if that pool has none.
+        for it; ContractError at once if that pool has none. ``delay`` (seconds) or
+        ``not_before`` (an aware datetime) schedules it, as ``bus.send`` does: the broker holds
+        it from the commit until then (InvalidSchedule at once for a bad schedule).
         """
+        return self._send(command, reply_to=reply_to, delay=delay, not_before=not_before)
+
+    def _send(
+        self,
+        command: Command | Query,
+        *,
+        reply_to: str | bool = False,
+        delay: float | None = None,
+        not_before: datetime | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> str:
         if not isinstance(command, Command | Query):
             raise WrongMessageKind(
                 f"ctx.send() takes a Command or Query, not {command!r}: publish events"
@@ -69,10 +94,18 @@ class HandlerContext:
         pool = self.owner if reply_to is True else reply_to or None
         if pool is not None:
             registry.check_reply_to(type(command), pool)
-        return self._record("command", command, None, reply_to=pool)
+        due = due_time(delay, not_before, self._delivery.runtime.clock())
+        return self._record("command", command, None, reply_to=pool, due=due, headers=headers or {})
 
     def _record(
-        self, kind: Any, message: Any, correlation_id: str | None, *, reply_to: str | None = None
+        self,
+        kind: Any,
+        message: Any,
+        correlation_id: str | None,
+        *,
+        reply_to: str | None = None,
+        due: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> str:
         if self._delivery.kind == "query":
             raise WrongMessageKind(
@@ -88,6 +121,8 @@ class HandlerContext:
             causation_id=self.message_id,
             source=self.owner,
             reply_to=reply_to,
+            due=due,
+            headers=headers or {},
         )
         self.outbox.append(entry)
         return entry.message_id
@@ -118,6 +153,6 @@ class HandlerContext:
         tx, self._transaction = self._transaction, None
         if not effects:
             inbox.discard(tx)
-            tx, self.outbox = None, []
+            tx, self.outbox, self.instances = None, [], []
         self.outbox += self.replies
-        return inbox.settle(tx, self.owner, ids, outcome, self.outbox)
+        return inbox.settle(tx, self.owner, ids, outcome, self.outbox, instances=self.instances)

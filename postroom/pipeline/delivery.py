@@ -57,9 +57,19 @@ class Publisher(Protocol):
         causation_id: str | None = None,
         message_id: str | None = None,
         reply_to: str | None = None,
+        delay: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any: ...
 
-    def send_reply(self, reply: Reply, *, pool: str, message_id: str, source: str) -> None: ...
+    def send_reply(
+        self,
+        reply: Reply,
+        *,
+        pool: str,
+        message_id: str,
+        source: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,7 @@ class Runtime:
 
     @property
     def relay(self) -> Relay:
-        return Relay(self.bus, self.removals)
+        return Relay(self.bus, self.removals, self.clock)
 
 
 def kind_of(contract: type[Message] | type[ReplyMessage]) -> Kind:

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from postroom import tracing, webhooks
-from postroom.errors import InvalidMessage, Rejected
+from postroom.errors import ConcurrentUpdate, InvalidMessage, Rejected
 from postroom.headers import PREFIX, REPLAY, Envelope, uuid7
 from postroom.messages import CommandFailed, ErrorInfo, Reply, upcast
 from postroom.pipeline.context import HandlerContext
@@ -393,36 +393,57 @@ class PoisonGuard(Step):
         return call_next(delivery)
 
 
+#: runs in a row that lose to another message of the same process instance before the run is
+#: retried from the broker instead (postroom.instances): each loser reruns at once, on the state
+#: the winner left, so only a storm of messages for one instance gets this far
+CONFLICT_RERUNS = 10
+
+
 class Retry(Step):
     """Transient failures run again, within one budget: a message runs at most
     ``max_retries + 1`` times in all. A partitioned message is retried in place, blocking its
     partition (sent back to its queue, the messages behind it would overtake it); any other goes
-    back to its owner's queue after a backoff. Any other exception fails at once."""
+    back to its owner's queue after a backoff. Any other exception fails at once. A run that
+    loses to another message of its process instance (ConcurrentUpdate) runs again at once,
+    spending none of the budget: it failed nothing, it only read a state that has moved on."""
 
     def __call__(self, delivery: Delivery, call_next: Next) -> Outcome:
-        policy = delivery.runtime.retry
+        conflicts = 0
         while True:
             delivery.ctx = HandlerContext(delivery)
             try:
                 return call_next(delivery)
             except GiveUp:
                 raise
-            except policy.retry_on as exc:
-                if delivery.attempt > policy.max_retries:
-                    raise GiveUp("failed", exc) from exc
-                delay = policy.delay(delivery.attempt - 1)
-                if not delivery.partitioned:
-                    return Outcome("retry", error=exc, delay=delay)
-                logger.warning(
-                    "%s attempt %d failed (%r); retrying in place, in order",
-                    delivery.inbox_id,
-                    delivery.attempt,
-                    exc,
-                )
-                delivery.runtime.sleep(delay)
-                delivery.attempt += 1
+            except ConcurrentUpdate as exc:
+                conflicts += 1
+                if conflicts > CONFLICT_RERUNS and (retry := self._failed(delivery, exc)):
+                    return retry
+            except delivery.runtime.retry.retry_on as exc:
+                if retry := self._failed(delivery, exc):
+                    return retry
             except Exception as exc:
                 raise GiveUp("failed", exc) from exc
+
+    @staticmethod
+    def _failed(delivery: Delivery, exc: BaseException) -> Outcome | None:
+        """A transient failure: the retry from the broker, or None once it waited out its
+        backoff in place (a partitioned message); GiveUp when the budget is spent."""
+        policy = delivery.runtime.retry
+        if delivery.attempt > policy.max_retries:
+            raise GiveUp("failed", exc) from exc
+        delay = policy.delay(delivery.attempt - 1)
+        if not delivery.partitioned:
+            return Outcome("retry", error=exc, delay=delay)
+        logger.warning(
+            "%s attempt %d failed (%r); retrying in place, in order",
+            delivery.inbox_id,
+            delivery.attempt,
+            exc,
+        )
+        delivery.runtime.sleep(delay)
+        delivery.attempt += 1
+        return None
 
 
 class Commit(Step):

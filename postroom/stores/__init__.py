@@ -1,7 +1,9 @@
-"""What the pipeline records in: an inbox and outbox per consumer, and the dead letters.
+"""What the pipeline records in: an inbox and outbox per consumer, the instances of its process
+managers, and the dead letters.
 
-Two implementations each: on Redis (postroom.reliability) for real deployments, and in memory
-(postroom.stores.memory) for ``postroom.testing``. The pipeline speaks only these protocols.
+Implementations: on Redis (postroom.reliability) and in SQL (postroom.stores.sql) for real
+deployments, and in memory (postroom.stores.memory) for ``postroom.testing``. The pipeline speaks
+only these protocols.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from postroom.instances import Instance
     from postroom.outbox import Entry
     from postroom.parking import Admission, Line
     from postroom.reliability import DeadLetter
@@ -32,10 +35,15 @@ class InboxStore(Protocol):
         message_ids: list[str],
         outcome: dict[str, Any],
         outbox: Sequence[Entry] = (),
+        *,
+        instances: Sequence[Instance] = (),
     ) -> bool:
-        """Apply ``tx``, record the ``outbox`` entries and mark every ID handled with
-        ``outcome``, in one transaction, unless the first ID is marked already (a concurrent
-        copy won): then False, and nothing is written. ``tx`` None: no writes of the handler's."""
+        """Apply ``tx``, record the ``outbox`` entries, write the process ``instances`` and mark
+        every ID handled with ``outcome``, in one transaction, unless the first ID is marked
+        already (a concurrent copy won): then False, and nothing is written. ``tx`` None: no
+        writes of the handler's. Each instance is written at its version + 1 if its stored
+        version is still ``instance.version`` (0: not stored); else ConcurrentUpdate, and
+        nothing is written."""
 
     def discard(self, tx: Any) -> None:
         """Drop the writes queued on ``tx`` (a rejected command changes nothing)."""
@@ -52,6 +60,14 @@ class InboxStore(Protocol):
 
     def outcome(self, owner: str, message_id: str) -> dict[str, Any] | None:
         """What ``owner`` recorded when it handled the message, if it has."""
+
+    def instance(self, process: str, key: str) -> Instance | None:
+        """A process manager's instance as last committed, with its version; None if none is
+        (or, once ended, no longer) stored."""
+
+    def instances(self, process: str, *, running: bool = True, limit: int = 100) -> list[Instance]:
+        """A process manager's running instances (else its ended ones), most recently updated
+        first."""
 
 
 class DeadLetterStore(Protocol):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
 
-from postroom.errors import PostroomError
+from postroom.errors import ConcurrentUpdate, PostroomError
+from postroom.instances import Instance
 from postroom.outbox import Entry
 from postroom.parking import Admission, Line, message_id_of
 from postroom.reliability import DeadLetter
@@ -36,6 +37,8 @@ class MemoryInbox:
         #: committed entries not dispatched yet, by (owner, message ID), and when each is due
         self.outbox: dict[tuple[str, str], Entry] = {}
         self.due: dict[tuple[str, str], float] = {}
+        #: process managers' instances by (process, key), as last committed
+        self.processes: dict[tuple[str, str], Instance] = {}
         self.clock = clock
         self._lock = threading.Lock()
 
@@ -63,11 +66,22 @@ class MemoryInbox:
         message_ids: list[str],
         outcome: dict[str, Any],
         outbox: Sequence[Entry] = (),
+        *,
+        instances: Sequence[Instance] = (),
     ) -> bool:
         with self._lock:
             if (owner, message_ids[0]) in self.done:
                 self.discard(tx)
                 return False
+            for instance in instances:
+                stored = self.processes.get((instance.process, instance.key))
+                if (stored.version if stored else 0) != instance.version:
+                    self.discard(tx)
+                    raise ConcurrentUpdate(f"{instance.address} changed since it was loaded")
+            for instance in instances:
+                self.processes[instance.process, instance.key] = replace(
+                    instance, version=instance.version + 1
+                )
             if tx is not None:
                 tx.execute()
             for entry in outbox:
@@ -102,6 +116,13 @@ class MemoryInbox:
     def outcome(self, owner: str, message_id: str) -> dict[str, Any] | None:
         found = self.done.get((owner, message_id))
         return None if found is None else dict(found)
+
+    def instance(self, process: str, key: str) -> Instance | None:
+        return self.processes.get((process, key))
+
+    def instances(self, process: str, *, running: bool = True, limit: int = 100) -> list[Instance]:
+        found = [i for (p, _), i in self.processes.items() if p == process and i.ended != running]
+        return sorted(found, key=lambda i: i.updated_at, reverse=True)[:limit]
 
 
 @dataclass

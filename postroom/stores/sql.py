@@ -66,7 +66,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.schema import CreateSchema, DropSchema
 from sqlalchemy.sql import ClauseElement
 
-from postroom.errors import TransientError
+from postroom.errors import ConcurrentUpdate, TransientError
+from postroom.instances import Instance
 from postroom.outbox import Entry
 
 #: postroom's own migrations; a service adds its own directories of revisions (``migrations=``)
@@ -94,6 +95,18 @@ outbox = Table(
     Column("message_id", String(64), primary_key=True),
     Column("entry", Text, nullable=False),  # Entry.to_json()
     Column("due_at", Float, nullable=False, index=True),  # epoch seconds, as Entry.at
+)
+
+#: one row per process manager's instance (postroom.instances): its document under a version
+process = Table(
+    "postroom_process",
+    metadata,
+    Column("process", String(200), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("document", Text, nullable=False),
 )
 
 _KEY = (inbox.c.owner == bindparam("o")) & (inbox.c.message_id == bindparam("m"))
@@ -275,11 +288,15 @@ class SqlStore:
         message_ids: list[str],
         outcome: dict[str, Any],
         outbox: Sequence[Entry] = (),
+        *,
+        instances: Sequence[Instance] = (),
     ) -> bool:
         session = self.sessions() if tx is None else tx
         try:
             with _transient():
-                return self._settle(session, owner, message_ids, outcome, outbox)
+                return self._settle(
+                    session, owner, message_ids, outcome, outbox, instances=instances
+                )
         finally:
             session.close()
 
@@ -290,6 +307,8 @@ class SqlStore:
         message_ids: list[str],
         outcome: dict[str, Any],
         entries: Sequence[Entry],
+        *,
+        instances: Sequence[Instance] = (),
     ) -> bool:
         # The mark goes in before the handler's pending ORM objects are flushed: a concurrent
         # copy of the message then waits on, and loses at, the inbox row, not the handler's rows.
@@ -313,6 +332,10 @@ class SqlStore:
         if not won:
             session.rollback()
             return False
+        for instance in instances:
+            if not _write_instance(session, instance):
+                session.rollback()
+                raise ConcurrentUpdate(f"{instance.address} changed since it was loaded")
         session.commit()
         return True
 
@@ -397,12 +420,66 @@ class SqlStore:
             done = conn.scalar(_OUTCOME, {"o": owner, "m": message_id})
             return None if done is None else dict(done)
 
+    def instance(self, process_name: str, key: str) -> Instance | None:
+        found = select(process.c.version, process.c.document).where(
+            process.c.process == process_name, process.c.key == key
+        )
+        with _transient(), self.autocommit.connect() as conn:
+            row = conn.execute(found).first()
+        return None if row is None else Instance.load(process_name, key, row.document, row.version)
+
+    def instances(
+        self, process_name: str, *, running: bool = True, limit: int = 100
+    ) -> list[Instance]:
+        status = process.c.status == "running" if running else process.c.status != "running"
+        found = (
+            select(process.c.key, process.c.version, process.c.document)
+            .where(process.c.process == process_name, status)
+            .order_by(process.c.updated_at.desc())
+            .limit(limit)
+        )
+        with _transient(), self.autocommit.connect() as conn:
+            rows = conn.execute(found).all()
+        return [Instance.load(process_name, r.key, r.document, r.version) for r in rows]
+
     def drop_schema(self) -> None:
         """Drop the store's schema and everything in it (tests' own schemas)."""
         if not self.schema:
             raise ValueError("refusing to drop the database's default schema")
         with self.engine.begin() as conn:
             conn.execute(DropSchema(self.schema, cascade=True, if_exists=True))
+
+
+def _write_instance(session: Session, instance: Instance) -> bool:
+    """Write the instance at its next version, if its row is still at the version it was loaded
+    at (none, for a new one); False if another handling's write got there first. A concurrent
+    write not committed yet makes this wait for it, then find the row changed."""
+    values = {
+        "version": instance.version + 1,
+        "status": instance.status,
+        "updated_at": instance.updated_at,
+        "document": instance.document(),
+    }
+    written: Any
+    if instance.version == 0:
+        written = (
+            pg_insert(process)
+            .values(process=instance.process, key=instance.key, **values)
+            .on_conflict_do_nothing(index_elements=[process.c.process, process.c.key])
+            .returning(process.c.key)
+        )
+    else:
+        written = (
+            update(process)
+            .where(
+                process.c.process == instance.process,
+                process.c.key == instance.key,
+                process.c.version == instance.version,
+            )
+            .values(**values)
+            .returning(process.c.key)
+        )
+    return session.execute(written).first() is not None
 
 
 @contextmanager

@@ -39,8 +39,8 @@ def harness(monkeypatch: pytest.MonkeyPatch, assets_schema: str) -> Iterator[Har
     monkeypatch.setattr(tasks.state, "_settings", lambda: settings)
     tasks.state.client.cache_clear()
     client = tasks.state.client()
-    assets: SqlStore = tasks.state.database()
-    yield Harness(state=client, stores={"assets": assets})
+    sql: SqlStore = tasks.state.database()
+    yield Harness(state=client, stores={"assets": sql, "orders": sql, "fulfilment": sql})
     keys = list(client.scan_iter(f"{namespace}:*", count=1000))
     if keys:
         client.delete(*keys)

@@ -21,7 +21,7 @@ from sqlalchemy import Column, MetaData, String, Table, insert, select
 from postroom.reliability import Reliability
 from postroom.stores import InboxStore
 from postroom.stores.memory import MemoryInbox
-from postroom.stores.sql import SqlStore, inbox, outbox
+from postroom.stores.sql import SqlStore, inbox, outbox, process
 from tests.support import DATABASE
 
 REDIS = "redis://127.0.0.1:6379/13"
@@ -66,7 +66,7 @@ def subject(request: pytest.FixtureRequest, redis_client: redis.Redis) -> Iterat
         store: SqlStore = request.getfixturevalue("sql_store")
         yield Subject("sql", store, _sql_write, _sql_read(store), lambda: _reopened(store))
         with store.engine.begin() as conn:
-            for table in (inbox, outbox, kv):
+            for table in (inbox, outbox, process, kv):
                 conn.execute(table.delete())
         return
 

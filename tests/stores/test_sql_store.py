@@ -54,9 +54,10 @@ def test_migrate_creates_the_schema_and_every_table_once_however_often_it_runs(
     for thread in migrations:
         thread.join(30)
     store.migrate()
-    assert _versions(store) == {"postroom_0002", "assets_0001"}
+    assert _versions(store) == {"postroom_0003", "assets_0001", "orders_0001"}
     assert _tables(store) == {
-        VERSION_TABLE, "postroom_inbox", "postroom_outbox", "assets", "asset_devices"
+        VERSION_TABLE, "postroom_inbox", "postroom_outbox", "postroom_process", "assets", "orders",
+        "asset_devices",
     }  # fmt: skip
 
 

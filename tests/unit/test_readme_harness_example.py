@@ -53,3 +53,7 @@ def test_the_readme_ordered_dead_letters_example_passes_in_the_harness(tmp_path:
 
 def test_the_readme_reply_to_a_callback_example_passes_in_the_harness(tmp_path: Path) -> None:
     assert "1 passed" in _passes("### Replies to a callback", tmp_path)
+
+
+def test_the_readme_process_manager_example_passes_in_the_harness(tmp_path: Path) -> None:
+    assert "1 passed" in _passes("## Process managers", tmp_path)
