@@ -15,6 +15,10 @@ SERVICE_MODULES = [
     "tasks.analytics",
     "tasks.notifications",
     "tasks.geofence",
+    "tasks.orders",
+    "tasks.payments",
+    "tasks.vendors",
+    "tasks.fulfilment",
     "postroom.webhook_handler",
 ]
 
@@ -22,10 +26,13 @@ SERVICE_MODULES = [
 def create_app(settings: postroom.Settings) -> Celery:
     """A Celery app of this deployment for these settings (tests make one per broker).
 
-    The assets service keeps its state, inbox and outbox in PostgreSQL; the others in Redis.
+    The assets and orders services and the fulfilment process keep their state, inbox and
+    outbox in PostgreSQL; the others in Redis.
     """
     app = Celery("postroom")
-    postroom.install(app, settings, imports=SERVICE_MODULES, stores={"assets": database(settings)})
+    sql = database(settings)
+    stores = {"assets": sql, "orders": sql, "fulfilment": sql}
+    postroom.install(app, settings, imports=SERVICE_MODULES, stores=stores)
     return app
 
 

@@ -21,6 +21,12 @@ POOLS: tuple[Pool, ...] = (
     subscriber_pool("search"),
     subscriber_pool("analytics"),
     subscriber_pool("notifications"),
+    # seed 004's marketplace: orders, their payments and vendors, and the fulfilment process
+    # manager across them (its events on events.fulfilment, its timeouts on commands.fulfilment)
+    service_pool("orders"),
+    service_pool("payments"),
+    service_pool("vendors"),
+    subscriber_pool("fulfilment", concurrency=2),
     # POSTs the replies of commands sent with a callback URL (postroom.webhook_handler): a pool
     # of its own, so a slow receiver holds up callbacks only
     service_pool("webhooks"),

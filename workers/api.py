@@ -10,11 +10,14 @@ where to fetch the reply later, instead of holding the connection open or losing
          ├─ reply in time:   201 Created,  Location: /assets/{asset_id}  │
          └─ no reply yet:    202 Accepted, Location: /commands/{cid} <───┘ result backend[cid]
 
-A ``Postroom-Callback-Url`` header on ``POST /assets`` (a URL on POSTROOM_CALLBACK_ALLOW, else
-422) has the reply POSTed there, signed, once it is in (postroom.webhooks), whatever the answer.
+``POST /orders`` is the same for seed 004's ``PlaceOrder``: 201 once the order is placed, its
+payment and fulfilment going on behind it (``GET /orders/{order_id}`` follows its status).
 
-Reads are queries through the bus as well (``GetAsset``, ``SearchAssets``): this process holds no
-state and imports contracts only, never a handler. Endpoints are plain ``def`` functions, so the
+A ``Postroom-Callback-Url`` header on either POST (a URL on POSTROOM_CALLBACK_ALLOW, else 422) has
+the reply POSTed there, signed, once it is in (postroom.webhooks), whatever the answer.
+
+Reads are queries through the bus as well (``GetAsset``, ``SearchAssets``, ``GetOrder``): this
+process holds no state and imports contracts only, never a handler. Endpoints are plain ``def`` functions, so the
 blocking waits on the bus run in Starlette's thread pool, not on the event loop.
 """
 
@@ -24,22 +27,35 @@ import argparse
 import logging
 import sys
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import redis.exceptions
 import uvicorn
 from celery.result import AsyncResult
-from fastapi import FastAPI, Header, HTTPException, Request, status
+from fastapi import FastAPI, HTTPException, Request, status
 from fastapi import Query as QueryParam
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from postroom import CallbackRefused, MessageBus, ReplyTimeout, SendFailed, tracing, webhooks
 from postroom.messages import Command, Query, Reply
 from postroom.settings import Settings
 from tasks.assets import GetAsset, RegisterAsset
+from tasks.orders import GetOrder, PlaceOrder
 from tasks.search import SearchAssets
+from workers.api_models import (
+    Asset,
+    AssetCreated,
+    AssetMatch,
+    CallbackUrl,
+    CommandAccepted,
+    IdempotencyKey,
+    NewAsset,
+    NewOrder,
+    Order,
+    OrderPlaced,
+)
 from workers.deployment import add_server_arguments, load_or_exit, overridden
 
 logger = logging.getLogger(__name__)
@@ -52,49 +68,13 @@ IDEMPOTENCY_KEYS = uuid.UUID("0f3c8e9e-5b7a-4f7e-8a51-6c2d9b4e1a70")
 _INVALID_PAYLOAD = "InvalidMessage"
 
 
-class NewAsset(BaseModel):
-    """The body of ``POST /assets``: ``RegisterAsset``'s fields, so a bad body is refused with 422
-    naming the field before anything is sent. The HTTP schema is declared here rather than being the
-    contract itself, so the public API can evolve apart from the message (a test keeps them in step).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=200, examples=["Truck 12"])
-    description: str | None = Field(default=None, examples=["Refrigerated, 12 t"])
-    attributes: dict[str, str] = Field(default_factory=dict, examples=[{"fleet": "north"}])
-
-
-class AssetCreated(BaseModel):
-    """201: the reply's value; the asset itself is at the Location."""
-
-    asset_id: uuid.UUID
-
-
-class CommandAccepted(BaseModel):
-    """202: the command is queued or running; its reply will be at ``location``."""
-
-    status: Literal["pending"] = "pending"
-    correlation_id: str
-    location: str
-
-
-class Asset(BaseModel):
-    """An asset as the assets service answers ``GetAsset``."""
-
-    asset_id: uuid.UUID
-    name: str
-    description: str | None = None
-    attributes: dict[str, str] = Field(default_factory=dict)
-    registered_at: str
-    devices: list[str] = Field(default_factory=list)
-
-
-class AssetMatch(BaseModel):
-    """One hit of ``SearchAssets`` (the search pool's index, fed by ``AssetRegistered`` events)."""
-
-    asset_id: uuid.UUID
-    name: str
+#: what a POST that sends a command may answer besides its 201
+COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"model": CommandAccepted, "description": "no reply yet: poll the Location"},
+    422: {"description": "an invalid field, or a callback URL that is not allowed"},
+    409: {"model": Reply, "description": "the service rejected the command"},
+    502: {"model": Reply, "description": "the command failed (its error names the type)"},
+}
 
 
 def message_id_for(idempotency_key: str, command: type[Command]) -> str:
@@ -135,6 +115,46 @@ def unsuccessful(reply: Reply) -> JSONResponse:
         reply.model_dump(mode="json"),
         status_code=code,
         headers={"X-Correlation-ID": reply.correlation_id},
+    )
+
+
+def send_command(
+    bus: MessageBus,
+    config: Settings,
+    command: Command,
+    idempotency_key: str | None,
+    callback_url: str | None,
+) -> Reply | JSONResponse:
+    """What a POST does with its command: its reply, if it succeeded in time; else the answer
+    to give (202 to poll, 409/422/502 for a rejection or failure, 422 for a callback URL off
+    the allow-list). A repeat with an Idempotency-Key whose reply is stored sends nothing."""
+    if callback_url is not None:
+        try:
+            webhooks.allowed(callback_url, config)
+        except CallbackRefused as refused:
+            return JSONResponse({"detail": str(refused)}, status_code=422)
+    message_id = None
+    reply = None
+    if idempotency_key is not None:
+        message_id = message_id_for(idempotency_key, type(command))
+        reply = _stored_reply(bus, message_id)
+    if reply is None:
+        pending = bus.send(command, message_id=message_id, callback_url=callback_url)
+        if config.api_reply_wait <= 0:  # 202 at once, as documented: not a race with the worker
+            return accepted(pending.correlation_id)
+        try:
+            reply = pending.reply(timeout=config.api_reply_wait)
+        except ReplyTimeout:
+            return accepted(pending.correlation_id)
+    return reply if reply.ok else unsuccessful(reply)
+
+
+def created(body: BaseModel, location: str, reply: Reply) -> JSONResponse:
+    """201 Created: the reply's value, and where the new thing is."""
+    return JSONResponse(
+        body.model_dump(mode="json"),
+        status_code=status.HTTP_201_CREATED,
+        headers={"Location": location, "X-Correlation-ID": reply.correlation_id},
     )
 
 
@@ -185,9 +205,10 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
         version="0.1.0",
         summary="Commands and queries on the bus, behind plain HTTP.",
         description=(
-            "`POST /assets` sends the `RegisterAsset` command and waits up to "
-            f"{config.api_reply_wait}s for its reply: 201 with the asset's Location if it comes, "
-            "202 with a `/commands/{correlation_id}` Location to poll if it does not. Send an "
+            "`POST /assets` sends the `RegisterAsset` command (`POST /orders`: `PlaceOrder`) and "
+            f"waits up to {config.api_reply_wait}s for its reply: 201 with the new resource's "
+            "Location if it comes, 202 with a `/commands/{correlation_id}` Location to poll if it "
+            "does not. Send an "
             "`Idempotency-Key` header to make a retried POST the same command, and a "
             "`Postroom-Callback-Url` header to have the reply POSTed there, signed."
         ),
@@ -211,65 +232,40 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
         "/assets",
         status_code=status.HTTP_201_CREATED,
         response_model=AssetCreated,
-        responses={
-            202: {"model": CommandAccepted, "description": "no reply yet: poll the Location"},
-            422: {"description": "an invalid field, or a callback URL that is not allowed"},
-            409: {"model": Reply, "description": "the assets service rejected the command"},
-            502: {"model": Reply, "description": "the command failed (its error names the type)"},
-        },
+        responses=COMMAND_RESPONSES,
     )
     def register_asset(
         body: NewAsset,
-        idempotency_key: Annotated[
-            str | None,
-            Header(
-                min_length=1,
-                max_length=255,
-                description="a client-chosen key; the same key and body give the same result "
-                "however often they are sent (the body of a repeat is not compared)",
-            ),
-        ] = None,
-        postroom_callback_url: Annotated[
-            str | None,
-            Header(
-                min_length=1,
-                max_length=2000,
-                description="a URL the reply is POSTed to, signed, once it is in, whatever this "
-                "response was; it must start with one of POSTROOM_CALLBACK_ALLOW (422 otherwise). "
-                "A repeat with an Idempotency-Key whose reply is stored sends nothing again",
-            ),
-        ] = None,
+        idempotency_key: IdempotencyKey = None,
+        postroom_callback_url: CallbackUrl = None,
     ) -> JSONResponse:
         """Register an asset: the RegisterAsset command, waited for briefly."""
         command = RegisterAsset(**body.model_dump())
-        if postroom_callback_url is not None:
-            try:
-                webhooks.allowed(postroom_callback_url, config)
-            except CallbackRefused as refused:
-                return JSONResponse({"detail": str(refused)}, status_code=422)
-        message_id = None
-        reply = None
-        if idempotency_key is not None:
-            message_id = message_id_for(idempotency_key, RegisterAsset)
-            # A repeat whose outcome is stored gets it without sending anything again.
-            reply = _stored_reply(bus, message_id)
-        if reply is None:
-            pending = bus.send(command, message_id=message_id, callback_url=postroom_callback_url)
-            try:
-                reply = pending.reply(timeout=config.api_reply_wait)
-            except ReplyTimeout:
-                return accepted(pending.correlation_id)
-        if not reply.ok:
-            return unsuccessful(reply)
-        created = AssetCreated.model_validate(reply.value)
-        return JSONResponse(
-            created.model_dump(mode="json"),
-            status_code=status.HTTP_201_CREATED,
-            headers={
-                "Location": f"/assets/{created.asset_id}",
-                "X-Correlation-ID": reply.correlation_id,
-            },
-        )
+        reply = send_command(bus, config, command, idempotency_key, postroom_callback_url)
+        if isinstance(reply, JSONResponse):
+            return reply
+        asset = AssetCreated.model_validate(reply.value)
+        return created(asset, f"/assets/{asset.asset_id}", reply)
+
+    @api.post(
+        "/orders",
+        status_code=status.HTTP_201_CREATED,
+        response_model=OrderPlaced,
+        responses=COMMAND_RESPONSES,
+    )
+    def place_order(
+        body: NewOrder,
+        idempotency_key: IdempotencyKey = None,
+        postroom_callback_url: CallbackUrl = None,
+    ) -> JSONResponse:
+        """Place an order: the PlaceOrder command, waited for briefly. Its payment and its
+        fulfilment (the vendor's confirmation, or a refund) go on after the 201."""
+        command = PlaceOrder(**body.model_dump())
+        reply = send_command(bus, config, command, idempotency_key, postroom_callback_url)
+        if isinstance(reply, JSONResponse):
+            return reply
+        order = OrderPlaced.model_validate(reply.value)
+        return created(order, f"/orders/{order.order_id}", reply)
 
     @api.get(
         "/commands/{correlation_id}",
@@ -296,6 +292,22 @@ def create_api(bus: MessageBus, config: Settings) -> FastAPI:
         reply = _ask(bus, GetAsset(asset_id=asset_id), config.api_query_timeout)
         if reply.status == "rejected":  # GetAsset refuses exactly one way: no such asset
             reason = reply.error.message if reply.error else f"asset {asset_id} does not exist"
+            raise HTTPException(status.HTTP_404_NOT_FOUND, reason)
+        if not reply.ok:
+            return unsuccessful(reply)
+        return reply.value
+
+    @api.get(
+        "/orders/{order_id}",
+        response_model=Order,
+        responses={404: {"description": "no such order"}, 504: {"description": "no reply"}},
+    )
+    def get_order(order_id: uuid.UUID) -> Any:
+        """One order, by the GetOrder query to the orders service: placed, paid, declined,
+        completed, or cancelled (with the reason)."""
+        reply = _ask(bus, GetOrder(order_id=order_id), config.api_query_timeout)
+        if reply.status == "rejected":  # GetOrder refuses exactly one way: no such order
+            reason = reply.error.message if reply.error else f"order {order_id} does not exist"
             raise HTTPException(status.HTTP_404_NOT_FOUND, reason)
         if not reply.ok:
             return unsuccessful(reply)

@@ -1,4 +1,5 @@
-"""The seeds' flow, run against live pools: one command, its reply, and three independent reactions."""
+"""The seeds' flows, run against live pools: one command, its reply, and three independent
+reactions; then seed 004's orders, one fulfilled and one compensated by the fulfilment process."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from postroom.telemetry import bold
 from tasks.analytics import GetAssetStats
 from tasks.assets import BindDevice, GetAsset, RegisterAsset
 from tasks.notifications import ListNotifications
+from tasks.orders import GetOrder, PlaceOrder
+from tasks.payments import GetPayment
 from tasks.search import SearchAssets
 
 
@@ -63,3 +66,31 @@ def run(bus: MessageBus, name: str = "Truck 12") -> None:
     )
     for note in notes.value or []:
         _say(f"   notifications {note['text']} (correlation_id={note['correlation_id']})")
+    orders(bus)
+
+
+def orders(bus: MessageBus) -> None:
+    """Two orders: the greengrocer confirms at once, the night market never does, so after the
+    3 s it was given the fulfilment process cancels that order and refunds its payment."""
+    placed = {
+        vendor: bus.send(
+            PlaceOrder(customer="ada", vendor=vendor, amount_cents=1250, confirm_within=within)
+        ).reply(timeout=30)
+        for vendor, within in (("greengrocer", 30), ("night_market", 3))
+    }
+    for vendor, reply in placed.items():
+        _say(f"-> PlaceOrder(vendor {vendor!r}) <- {reply.status} {reply.value}")
+    _say("The fulfilment process waits for each vendor's confirmation (30 s and 3 s at most):")
+    for vendor, reply in placed.items():
+        order_id = reply.value["order_id"]
+        order = _until(
+            lambda order_id=order_id: bus.ask(GetOrder(order_id=order_id), timeout=30),
+            lambda r: r.ok and r.value["status"] in {"completed", "cancelled", "declined"},
+        ).value
+        payment = bus.ask(GetPayment(order_id=order_id), timeout=30).value
+        why = f" ({order['reason']})" if order["reason"] else ""
+        _say(
+            f"   {vendor:13} order {order_id}: {order['status']}{why}; "
+            f"charged {payment['charges']}x, refunded {payment['refunds']}x"
+        )
+    _say("   each order's steps: postroom trace --process fulfilment ORDER_ID")

@@ -118,6 +118,30 @@ def test_up_prints_where_flower_is_and_the_demo_shows_a_reply_and_three_reaction
     assert "Traceback" not in out
 
 
+def test_the_demos_orders_end_completed_and_compensated_and_their_steps_are_traced(
+    up: Up,
+) -> None:
+    out = up.output()
+    done = re.search(r"greengrocer +order (\S+): completed; charged 1x, refunded 0x", out)
+    undone = re.search(
+        r"night_market +order (\S+): cancelled \(vendor night_market did not confirm within "
+        r"3 s\); charged 1x, refunded 1x",
+        out,
+    )
+    assert done, out
+    assert undone, out
+    traced = run_python(up.env, "-m", "workers.cli", "trace", "--process", "fulfilment", undone[1])
+    assert f"process fulfilment:{undone[1]}: compensated" in traced
+    assert re.search(r"├─ \S+ orders\.OrderPaid \S+: started", traced), traced
+    assert re.search(r"sent vendors\.NotifyVendor \S+, fulfilment\.VendorSilent \S+ \(due", traced)
+    assert re.search(r"└─ \S+ fulfilment\.VendorSilent \S+: compensated", traced), traced
+    assert "sent orders.CancelOrder" in traced
+    assert "payments.RefundPayment" in traced
+    ended = run_python(up.env, "-m", "workers.cli", "processes", "fulfilment", "--ended")
+    assert {done[1], undone[1]} <= set(re.findall(r"fulfilment +(\S+) ", ended)), ended
+    assert run_python(up.env, "-m", "workers.cli", "processes").strip() == ""  # none running
+
+
 SHELL = """
 import config
 from postroom import bus

@@ -1,23 +1,17 @@
 """HTTP callbacks end to end: `postroom api`, the assets and webhooks pools, and a real receiver.
 
-The receiver is an ``http.server`` in a thread of this process, on a free port the allow-list
-names; the API and the workers are real processes on Redis and on RabbitMQ. Each path of the
-receiver behaves its own way: ``ok`` answers 200, ``flaky`` 500 twice then 200, ``down`` always
-500, ``moved`` redirects to ``ok``, ``slow`` answers its first request after the callback timeout.
+The receiver (tests/integration/receiver.py) is an ``http.server`` in a thread of this process,
+on a free port the allow-list names; the API and the workers are real processes on Redis and on
+RabbitMQ. Each path of the receiver behaves its own way: ``ok`` answers 200, ``flaky`` 500 twice
+then 200, ``down`` always 500, ``moved`` redirects to ``ok``, ``slow`` answers its first request
+after the callback timeout.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,102 +24,23 @@ from postroom import CallbackRefused, DeliverWebhook, MessageBus
 from postroom.reliability import reliability
 from tasks.assets import RegisterAsset, assets
 from tasks.state import database
+from tests.integration import receiver as callbacks
+from tests.integration.receiver import (
+    ALLOWED,
+    PORT,
+    SLOW,
+    TIMED_OUT,
+    TIMEOUT,
+    Receiver,
+    path_to,
+    verified,
+)
 from tests.integration.services import Announce
 from tests.integration.test_api import ApiServer
 from tests.support import BrokerContext, run_python, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-PORT = _free_port()
-SECRET = "receiver-shared-secret"
-ALLOWED = f"http://127.0.0.1:{PORT}/hooks/"
-TIMEOUT, SLOW = 2.0, 3.0  # seconds: the callback timeout, and how late ``slow`` answers first
-SETTINGS = {
-    "callback_allow": ALLOWED,
-    "callback_secret": SECRET,
-    "callback_timeout": str(TIMEOUT),
-    # the sweep sends what a killed worker committed after a second (see test_outbox.py)
-    "outbox_grace": "1",
-    "outbox_sweep": "0.5",
-}
-#: what a request the receiver answered too late was answered with, as the sender saw it
-TIMED_OUT = 0
-
-
-@dataclass(frozen=True)
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    answered: int
-
-    @property
-    def reply(self) -> dict[str, Any]:
-        reply: dict[str, Any] = json.loads(self.body)["reply"]
-        return reply
-
-
-class Receiver(ThreadingHTTPServer):
-    """Records every POST; answers by the path's second segment (ok, flaky, down)."""
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", PORT), _Handler)
-        self.lock = threading.Lock()
-        self.requests: list[Received] = []
-
-    def answer(self, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, float]:
-        """The status to answer and how long to wait first."""
-        with self.lock:
-            earlier = sum(r.path == path for r in self.requests)
-            kind = path.split("/")[2]
-            code = {"ok": 200, "flaky": 500 if earlier < 2 else 200, "down": 500, "moved": 302}
-            late = kind == "slow" and not earlier
-            answered = TIMED_OUT if late else code.get(kind, 200)
-            self.requests.append(Received(path, headers, body, answered))
-            return (200 if late else answered), (SLOW if late else 0.0)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A late answer to a sender that timed out cannot be sent: expected, not logged."""
-
-    def to(self, path: str) -> list[Received]:
-        with self.lock:
-            return [r for r in self.requests if r.path == path]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        code, wait = self.server.answer(
-            self.path, body, {k.lower(): v for k, v in self.headers.items()}
-        )
-        time.sleep(wait)
-        self.send_response(code)
-        if code == 302:
-            self.send_header("Location", self.path.replace("/moved/", "/ok/"))
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the test reads what was received, not a log."""
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+SETTINGS = callbacks.SETTINGS
 
 
 @pytest.fixture(scope="module")
@@ -147,31 +62,16 @@ def _register(api: httpx.Client, callback: str) -> httpx.Response:
     )
 
 
-def _verified(received: Received) -> dict[str, Any]:
-    """The reply, once its signature checks out as a receiver checks it (see the README)."""
-    timestamp = received.headers["postroom-timestamp"]
-    expected = hmac.new(
-        SECRET.encode(), timestamp.encode() + b"." + received.body, hashlib.sha256
-    ).hexdigest()
-    assert hmac.compare_digest(expected, received.headers["postroom-signature"])
-    assert abs(time.time() - int(timestamp)) < 120
-    return received.reply
-
-
-def _path(kind: str) -> str:
-    return f"/hooks/{kind}/{uuid.uuid4().hex[:8]}"
-
-
 def test_the_reply_is_posted_to_the_callback_once_and_correctly_signed(
     api: httpx.Client, receiver: Receiver
 ) -> None:
-    path = _path("ok")
+    path = path_to("ok")
     response = _register(api, f"http://127.0.0.1:{PORT}{path}")
     assert response.status_code == 201, response.text
     wait_for(lambda: receiver.to(path), timeout=30)
     time.sleep(2)  # a second POST of the same reply would come within this
     [received] = receiver.to(path)
-    reply = _verified(received)
+    reply = verified(received)
     assert reply["status"] == "succeeded"
     assert reply["value"] == response.json()
     correlation_id = response.headers["X-Correlation-ID"]
@@ -184,7 +84,7 @@ def test_the_reply_is_posted_to_the_callback_once_and_correctly_signed(
 def test_a_receiver_failing_twice_gets_the_reply_on_the_third_try_and_not_again(
     api: httpx.Client, receiver: Receiver
 ) -> None:
-    path = _path("flaky")
+    path = path_to("flaky")
     response = _register(api, f"http://127.0.0.1:{PORT}{path}")
     assert response.status_code == 201, response.text
     wait_for(lambda: any(r.answered == 200 for r in receiver.to(path)), timeout=30)
@@ -192,13 +92,13 @@ def test_a_receiver_failing_twice_gets_the_reply_on_the_third_try_and_not_again(
     tries = receiver.to(path)
     assert [r.answered for r in tries] == [500, 500, 200]
     assert len({r.headers["postroom-delivery-id"] for r in tries}) == 1  # one delivery, retried
-    assert {_verified(r)["correlation_id"] for r in tries} == {response.headers["X-Correlation-ID"]}
+    assert {verified(r)["correlation_id"] for r in tries} == {response.headers["X-Correlation-ID"]}
 
 
 def test_a_receiver_that_always_fails_leaves_a_dead_letter_saying_why(
     api: httpx.Client, receiver: Receiver, broker: BrokerContext
 ) -> None:
-    path = _path("down")
+    path = path_to("down")
     assert _register(api, f"http://127.0.0.1:{PORT}{path}").status_code == 201
     retries = int(broker.settings.max_retries)
     wait_for(lambda: len(receiver.to(path)) == retries + 1, timeout=30)
@@ -253,14 +153,14 @@ def test_a_reply_later_than_the_post_waits_still_reaches_the_callback(
     impatient = ApiServer(broker, "webhooks-impatient", reply_wait="0")
     try:
         impatient.wait_until_serving()
-        path = _path("ok")
+        path = path_to("ok")
         response = _register(impatient.http, f"http://127.0.0.1:{PORT}{path}")
     finally:
         impatient.stop()
     assert response.status_code == 202, response.text
     wait_for(lambda: receiver.to(path), timeout=30)
     [received] = receiver.to(path)
-    reply = _verified(received)
+    reply = verified(received)
     assert (reply["status"], reply["correlation_id"]) == (
         "succeeded",
         response.json()["correlation_id"],
@@ -270,7 +170,7 @@ def test_a_reply_later_than_the_post_waits_still_reaches_the_callback(
 def test_a_repeat_with_the_same_idempotency_key_causes_no_second_callback(
     api: httpx.Client, receiver: Receiver
 ) -> None:
-    path = _path("ok")
+    path = path_to("ok")
     key = {
         "Idempotency-Key": uuid.uuid4().hex,
         "Postroom-Callback-Url": f"http://127.0.0.1:{PORT}{path}",
@@ -287,7 +187,7 @@ def test_a_repeat_with_the_same_idempotency_key_causes_no_second_callback(
 def test_a_receiver_slower_than_the_timeout_gets_it_on_the_next_try(
     api: httpx.Client, receiver: Receiver
 ) -> None:
-    path = _path("slow")
+    path = path_to("slow")
     started = time.monotonic()
     assert _register(api, f"http://127.0.0.1:{PORT}{path}").status_code == 201
     wait_for(lambda: len(receiver.to(path)) == 2, timeout=30)
@@ -300,7 +200,7 @@ def test_a_receiver_slower_than_the_timeout_gets_it_on_the_next_try(
 def test_a_redirect_is_not_followed(
     api: httpx.Client, receiver: Receiver, broker: BrokerContext
 ) -> None:
-    path = _path("moved")
+    path = path_to("moved")
     assert _register(api, f"http://127.0.0.1:{PORT}{path}").status_code == 201
     attempts = int(broker.settings.max_retries) + 1
     wait_for(lambda: len(receiver.to(path)) == attempts, timeout=30)
@@ -339,7 +239,7 @@ def probe(broker: BrokerContext, api: httpx.Client) -> MessageBus:
 def test_every_outcome_reaches_the_callback_once_even_if_its_worker_dies_before_dispatch(
     probe: MessageBus, receiver: Receiver, then: str, status: str
 ) -> None:
-    path = _path("ok")
+    path = path_to("ok")
     pending = probe.send(
         Announce(key=f"{then}-{uuid.uuid4().hex}", then=then),  # type: ignore[arg-type]
         callback_url=f"http://127.0.0.1:{PORT}{path}",
@@ -348,5 +248,5 @@ def test_every_outcome_reaches_the_callback_once_even_if_its_worker_dies_before_
     wait_for(lambda: receiver.to(path), timeout=30)
     time.sleep(2)
     [received] = receiver.to(path)
-    reply = _verified(received)
+    reply = verified(received)
     assert (reply["status"], reply["correlation_id"]) == (status, pending.correlation_id)
