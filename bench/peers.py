@@ -2,7 +2,7 @@
 
 Bare Celery runs with postroom's delivery and monitoring settings (late acks, JSON only, prefetch
 1, the same transport options, task events for Flower) on kombu's stock transport; Dramatiq with
-its defaults. Each no-op increments the same kind of Redis counter as postroom's, so a drain ends
+its defaults, plus publisher confirms on RabbitMQ (postroom and Celery always wait for them). Each no-op increments the same kind of Redis counter as postroom's, so a drain ends
 visibly and every system pays for the same one write.
 
 For the SQL benchmark, bare Celery's task does what postroom's ``bench_sql`` handler does without
@@ -70,7 +70,8 @@ if settings.broker_is_redis:
         url=settings.broker_url, namespace=f"{settings.namespace}-dramatiq"
     )
 else:
-    dramatiq_broker = RabbitmqBroker(url=settings.broker_url)
+    # publisher confirms, as postroom's and Celery's sends wait for: the same guarantee for all
+    dramatiq_broker = RabbitmqBroker(url=settings.broker_url, confirm_delivery=True)
 dramatiq.set_broker(dramatiq_broker)
 
 

@@ -170,7 +170,8 @@ class Settings(BaseSettings):
     task_sent_events: bool = Field(
         True,
         description="send a task-sent event for each command, so Flower lists it from the moment it "
-        "is sent; false saves one broker round trip per send",
+        "is sent; on Redis it goes in the command's own round trip, on RabbitMQ false saves a "
+        "second confirmed publish per send",
     )
     metrics_address: str = Field(
         "127.0.0.1", description="address the Prometheus exporter (`postroom metrics`) listens on"

@@ -7,14 +7,19 @@ and properties ``send_task`` writes; a test compares them field by field), and a
 as few round trips as the broker allows: on Redis one pipelined ``LPUSH`` per queue per chunk, on
 RabbitMQ publishes inside a transaction committed once per chunk, so a returned call means every
 message is stored.
+
+A single command on Redis (``bus.send``) goes out the same way, in one round trip with its
+doorbell and the task-sent event Flower lists it by (``send_one``): ``send_task`` spent four times
+as long on it, in two round trips and the machinery around them.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import uuid
 from base64 import b64encode
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from time import time
@@ -23,9 +28,11 @@ from typing import Any
 import amqp
 import celery
 import orjson
+from celery.events import Event
 from celery.utils.nodenames import anon_nodename
+from celery.utils.time import utcoffset
 from kombu import Producer, Queue
-from kombu.common import maybe_declare
+from kombu.common import declaration_cached, maybe_declare
 
 from postroom._celery.delays import due_of, park
 from postroom._celery.fetch import ring
@@ -146,11 +153,93 @@ def publish_many(producer: Producer, messages: Sequence[tuple[Queue, TaskMessage
         return
     channel = producer.channel
     for queue in {queue.name: queue for queue, _ in messages}.values():
-        maybe_declare(queue, channel)
+        _declare(queue, channel)
     if producer.connection.transport.driver_type == "redis":
         _redis_publish(channel, messages)
     else:
         _amqp_publish(producer.connection.connection, messages)
+
+
+def send_one(
+    app: celery.Celery, producer: Producer, queue: Queue, message: TaskMessage, *, announce: bool
+) -> None:
+    """Store one command on Redis (``retried``); returns once Redis holds it.
+
+    With ``announce``, the task-sent event ``send_task`` would publish (``task_send_sent_event``)
+    goes in the same round trip, so Flower lists the command from the moment it is sent.
+    """
+    event = _sent_event(app, message, queue.name) if announce else None
+
+    def push(producer: Producer) -> None:
+        channel = producer.channel
+        _declare(queue, channel)
+        fanout = [] if event is None else [_redis_event(app, channel, event)]
+        _redis_publish(channel, [(queue, message)], fanout)
+
+    retried(app, producer, push)
+
+
+def retried(app: celery.Celery, producer: Producer, publish: Callable[[Producer], None]) -> None:
+    """``publish(producer)``, retried on a connection error as Celery retries a task's publish
+    (``task_publish_retry_policy``, from POSTROOM_PUBLISH_RETRIES), reconnecting in between;
+    kombu's OperationalError once the retries run out. A retried message may have been stored
+    by the try that failed: delivery is at least once, and the inbox keeps its effect single."""
+    policy = app.conf.task_publish_retry_policy
+    producer.connection.ensure(producer, publish, **policy)(producer)
+
+
+def _declare(queue: Queue, channel: Any) -> None:
+    """``maybe_declare``, minus the bound copy of ``queue`` it makes before finding it in the
+    connection's cache and throws away: a sixth of a single send's time."""
+    if not declaration_cached(queue, channel):
+        maybe_declare(queue, channel)
+
+
+def _sent_event(app: celery.Celery, message: TaskMessage, queue: str) -> dict[str, Any]:
+    """Celery's task-sent event for ``message`` sent to ``queue`` by the default exchange: the
+    fields ``send_task`` gives it, and those its event dispatcher adds."""
+    headers = message.headers
+    return Event(  # type: ignore[no-any-return]
+        "task-sent",
+        uuid=headers["id"],
+        root_id=headers["root_id"],
+        parent_id=headers["parent_id"],
+        name=headers["task"],
+        args=headers["argsrepr"],
+        kwargs=headers["kwargsrepr"],
+        retries=headers["retries"],
+        eta=headers["eta"],
+        expires=headers["expires"],
+        queue=queue,
+        exchange="",
+        routing_key=queue,
+        hostname=headers["origin"],
+        utcoffset=utcoffset(),
+        pid=os.getpid(),
+        clock=app.clock.forward(),
+    )
+
+
+def _redis_event(
+    app: celery.Celery, channel: Any, event: dict[str, Any]
+) -> tuple[list[str], bytes]:
+    """The channels and payload of a ``PUBLISH`` carrying ``event``, in the storage format kombu's
+    fanout exchange writes for Celery's event dispatcher (transient, JSON, base64 body)."""
+    exchange, routing_key = app.conf.event_exchange, event["type"].replace("-", ".")
+    payload = {
+        "body": b64encode(orjson.dumps(event)).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"hostname": event["hostname"]},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": exchange, "routing_key": routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return channel._get_publish_topics(exchange, routing_key), orjson.dumps(payload)
 
 
 def bound_queues(producer: Producer, exchange: str, routing_key: str) -> list[str]:
@@ -167,15 +256,22 @@ def _chunks(
         yield messages[start : start + CHUNK]
 
 
-def _redis_publish(channel: Any, messages: Sequence[tuple[Queue, TaskMessage]]) -> None:
+def _redis_publish(
+    channel: Any,
+    messages: Sequence[tuple[Queue, TaskMessage]],
+    fanout: Sequence[tuple[list[str], bytes]] = (),
+) -> None:
     """kombu's Redis storage format (what its ``basic_publish`` writes), pushed in pipelines.
 
     Every message gets its own delivery tag: kombu keys its unacked index by it, so a shared tag
     would let one in-flight copy hide another from the crash-recovery sweep. Each queue's doorbell
     is rung after its push, in the same pipeline, so idle consumers wake (postroom._celery.fetch).
+    ``fanout`` (channels and a payload, Celery events) is published after the last chunk's pushes.
     """
+    chunks = list(_chunks(messages))
+    last = chunks[-1]
     with channel.conn_or_acquire() as client:
-        for chunk in _chunks(messages):
+        for chunk in chunks:
             by_queue: dict[str, list[bytes]] = {}
             parked: list[tuple[str, TaskMessage, float]] = []
             for queue, message in chunk:
@@ -191,6 +287,10 @@ def _redis_publish(channel: Any, messages: Sequence[tuple[Queue, TaskMessage]]) 
                 for name, payloads in by_queue.items():
                     pipe.lpush(name, *payloads)  # LPUSH a b c, consumed from the tail: a, b, c
                     ring(add, name)
+                if chunk is last:
+                    for topics, payload in fanout:
+                        for topic in topics:
+                            pipe.publish(topic, payload)
                 pipe.execute()
 
 
