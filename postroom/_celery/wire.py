@@ -22,7 +22,7 @@ from base64 import b64encode
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from time import time
+from time import monotonic, sleep, time
 from typing import Any
 
 import amqp
@@ -33,6 +33,7 @@ from celery.utils.nodenames import anon_nodename
 from celery.utils.time import utcoffset
 from kombu import Producer, Queue
 from kombu.common import declaration_cached, maybe_declare
+from kombu.exceptions import OperationalError
 
 from postroom._celery.delays import due_of, park
 from postroom._celery.fetch import ring
@@ -183,9 +184,31 @@ def retried(app: celery.Celery, producer: Producer, publish: Callable[[Producer]
     """``publish(producer)``, retried on a connection error as Celery retries a task's publish
     (``task_publish_retry_policy``, from POSTROOM_PUBLISH_RETRIES), reconnecting in between;
     kombu's OperationalError once the retries run out. A retried message may have been stored
-    by the try that failed: delivery is at least once, and the inbox keeps its effect single."""
+    by the try that failed: delivery is at least once, and the inbox keeps its effect single.
+
+    On Redis, kombu's retry makes a new channel, and a new channel to a server still down gives
+    up after kombu's own connect timeout (about 6 s, whatever the policy says), out of the
+    retries: so the whole retry is tried again until the policy's waits add up (about 15 s by
+    default), as the setting promises. (Celery's own ``send_task`` keeps kombu's 6 s.)
+    """
     policy = app.conf.task_publish_retry_policy
-    producer.connection.ensure(producer, publish, **policy)(producer)
+    patience = monotonic() + policy_waits(policy)
+    while True:
+        began = monotonic()
+        try:
+            producer.connection.ensure(producer, publish, **policy)(producer)
+            return
+        except OperationalError:
+            left = patience - monotonic()
+            if left < monotonic() - began:  # another round would overrun the policy's time
+                raise
+            sleep(min(policy["interval_max"], left))
+
+
+def policy_waits(policy: dict[str, Any]) -> float:
+    """Seconds a retry policy waits in all between its tries: 15 for postroom's default."""
+    start, step, most = policy["interval_start"], policy["interval_step"], policy["interval_max"]
+    return float(sum(min(start + step * n, most) for n in range(policy["max_retries"])))
 
 
 def _declare(queue: Queue, channel: Any) -> None:

@@ -41,3 +41,20 @@ def test_only_measures_the_parts_asked_for(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "redis.json").read_text())
     assert {key.split("|")[0] for key in results} == {"drain_per_s_with_backlog"}
     assert "--only growth" in (tmp_path / "results.md").read_text()
+
+
+def test_the_profile_sets_postroom_s_worker_beside_bare_celery_s_step_by_step(
+    tmp_path: Path,
+) -> None:
+    subprocess.run([sys.executable, "-m", "bench.profile", "--broker", "redis", "--messages",
+                    "30", "--out", str(tmp_path)], cwd=ROOT, check=True, timeout=280,
+                   capture_output=True)  # fmt: skip
+    rows = json.loads((tmp_path / "profile-redis.json").read_text())
+    assert rows["postroom"]["busy, all told"] > 0
+    assert rows["celery"]["busy, all told"] > 0
+    assert rows["postroom"]["inbox claim, before the handler"] > 0
+    assert rows["celery"]["inbox claim, before the handler"] == 0  # bare Celery has no inbox
+    assert (
+        "| step | postroom | bare Celery | difference |"
+        in (tmp_path / "profile-redis.md").read_text()
+    )
