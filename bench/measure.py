@@ -141,12 +141,17 @@ def postroom_pool(name: str, queue: str, concurrency: int, module: str = "config
     return Workers(argv, lambda: wait_until_ready(app, [pool]))
 
 
+def celery_worker_args(
+    queue: str = "bench.bare", node: str = "bare", concurrency: int = 2, pool: str = "prefork"
+) -> list[str]:
+    """Bare Celery's worker, as the arguments after ``celery``."""
+    return ["-A", "bench.peers:celery_app", "worker", "-Q", queue, "-c", str(concurrency),
+            "-P", pool, "-n", f"{node}@%h", "--prefetch-multiplier", "1", "-E", "-l", "WARNING",
+            "--without-gossip", "--without-mingle"]  # fmt: skip
+
+
 def celery_pool(queue: str = "bench.bare", node: str = "bare") -> Workers:
-    argv = [sys.executable, "-m", "celery", "-A", "bench.peers:celery_app", "worker",
-            "-Q", queue, "-c", "2", "-P", "prefork", "-n", f"{node}@%h",
-            "--prefetch-multiplier", "1", "-E", "-l", "WARNING", "--without-gossip",
-            "--without-mingle"]  # fmt: skip
-    return Workers(argv)
+    return Workers([sys.executable, "-m", "celery", *celery_worker_args(queue, node)])
 
 
 def dramatiq_pool() -> Workers:

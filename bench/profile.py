@@ -137,9 +137,7 @@ def _drain(system: str, messages: int, profile: Path) -> None:
         with peers.celery_app.producer_or_acquire() as producer:
             for i in range(messages):
                 peers.bare_noop.apply_async((i,), producer=producer)
-        argv = [*profiled, "-A", "bench.peers:celery_app", "worker", "-Q", "bench.bare",
-                "-c", "1", "-P", "solo", "-n", "bare@%h", "--prefetch-multiplier", "1", "-E",
-                "-l", "WARNING", "--without-gossip", "--without-mingle"]  # fmt: skip
+        argv = [*profiled, *measure.celery_worker_args(concurrency=1, pool="solo")]
     watch = measure.Watch(system, messages, timeout=600)
     workers = measure.Workers(argv)
     try:
